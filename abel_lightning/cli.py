@@ -1,0 +1,110 @@
+"""The ``abel-lightning`` command: Lightning's CLI for the training loops plus the phases that are not loops.
+
+    abel-lightning fit --config configs/ppo.yaml          # Phase 1 (PPO) or, with configs/dpo.yaml, Phase 4 (DPO)
+    abel-lightning predict --config configs/rollouts.yaml # Phase 2: Regime W rollouts
+    abel-lightning preferences --rollouts R --out P       # Phase 3: preference pairs
+    abel-lightning test --config configs/eval.yaml        # Phase 5: GSM8K Platinum evaluation
+    abel-lightning compare outputs/*_platinum_eval.jsonl  # base vs PPO vs DPO
+    abel-lightning pipeline --config configs/pipeline.yaml
+
+Going from one GPU to eight is a config change: add ``--config configs/strategy/ddp.yaml`` (or fsdp) and set
+``--trainer.devices``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+TRAINER_COMMANDS = {
+    "fit": "train a policy: PPO (configs/ppo.yaml) or DPO (configs/dpo.yaml)",
+    "validate": "run a module's validation loop once",
+    "test": "evaluate a policy on GSM8K Platinum (configs/eval.yaml)",
+    "predict": "collect Regime W rollouts (configs/rollouts.yaml)",
+}
+
+
+def preferences(
+    rollouts: str = "data/abel_regime_w_rollouts.jsonl",
+    out: str = "data/abel_coherence_preferences.jsonl",
+    threshold: float = 0.01,
+) -> None:
+    """Phase 3: build correctness and coherence preference pairs from Regime W rollouts.
+
+    Args:
+        rollouts: the Phase 2 rollouts file (JSONL, one question per line).
+        out: where to write the pairs (JSONL with prompt/chosen/rejected, as TRL's DPO trainer reads).
+        threshold: coherence pairs need a reward gap above this.
+    """
+    from abel_lightning.preferences import write_preferences
+
+    counts = write_preferences(rollouts, out, threshold)
+    print(f"{out}: {counts.correctness} correctness pairs, {counts.coherence} coherence pairs "
+          f"from {counts.questions} questions")
+
+
+def compare(paths: list[str], out: str = "outputs/compare.png") -> None:
+    """Compare evaluation files (base vs PPO vs DPO): accuracy, 95% bootstrap interval, paired McNemar tests.
+
+    Args:
+        paths: ``<name>_platinum_eval.jsonl`` files written by ``abel-lightning test``.
+        out: the PNG plot to write.
+    """
+    from abel_lightning.compare import compare as run_compare
+
+    run_compare(paths, out)
+
+
+def pipeline(config: str = "configs/pipeline.yaml") -> None:
+    """Run the five phases in order from one config, skipping the phases whose outputs are complete.
+
+    Args:
+        config: the pipeline config (each phase's config referenced or embedded).
+    """
+    from abel_lightning.pipeline import run_pipeline
+
+    run_pipeline(config)
+
+
+EXTRA_COMMANDS: dict[str, Callable[..., None]] = {"preferences": preferences, "compare": compare, "pipeline": pipeline}
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def _print_help() -> None:
+    print("usage: abel-lightning COMMAND [--config FILE.yaml] [options]\n\ncommands:")
+    for name, summary in TRAINER_COMMANDS.items():
+        print(f"  {name:<12} {summary}")
+    for name, fn in EXTRA_COMMANDS.items():
+        print(f"  {name:<12} {fn.__doc__.strip().splitlines()[0]}")
+    print("\n`abel-lightning COMMAND --help` lists a command's options.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None
+    argv = sys.argv[1:] if from_shell else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return
+    if argv[0] in EXTRA_COMMANDS:
+        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:])
+        return
+    lightning_cli(None if from_shell else argv)
+
+
+if __name__ == "__main__":
+    main()

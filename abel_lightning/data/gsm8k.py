@@ -1,0 +1,150 @@
+"""GSM8K and GSM8K-Platinum questions, from the Hugging Face hub or a local JSONL file.
+
+Every question is served as ``{question_id, question, gold_answer, prompt}``. ``question_id`` is ``"<split>/<row>"``
+with the 0-based row of the source, so it is stable across runs, subsets and ranks: resumable phases key on it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+from abel_lightning.answers import extract_gold
+from abel_lightning.jsonl import JsonlError, iter_jsonl
+from abel_lightning.prompts import format_prompt
+
+# Hub ids whose rows carry GSM8K's columns (question, answer) under config "main".
+HUB_DATASETS = {"openai/gsm8k", "madrylab/gsm8k-platinum"}
+SOURCE_ROW = {"question": str, "answer": str}
+# Platinum's authors drop the questions they judged ill-posed; their release marks them so.
+DROPPED_STATUSES = {"rejected"}
+
+
+def load_questions(
+    dataset: str,
+    split: str = "train",
+    n_samples: int | None = None,
+    seed: int = 0,
+    prompt_template: str = "abel",
+    hub_config: str = "main",
+) -> list[dict]:
+    """Read a GSM8K-format dataset and return its questions in source order.
+
+    ``dataset`` is a ``.jsonl`` file, a folder holding ``<split>.jsonl``, or a hub id. ``n_samples`` takes a seeded
+    random subset (the same rows for the same seed, kept in source order).
+    """
+    rows = list(_read_rows(dataset, split, hub_config))
+    questions = []
+    for row_index, (row, where) in enumerate(rows):
+        if row.get("cleaning_status") in DROPPED_STATUSES:
+            continue
+        try:
+            gold = extract_gold(row["answer"])
+        except ValueError as error:
+            raise JsonlError(where[0], where[1], "answer", f"a solution ending in '#### N' ({error})", row["answer"][-40:]) from None
+        questions.append(
+            {
+                "question_id": f"{split}/{row_index}",
+                "question": row["question"],
+                "gold_answer": gold,
+                "prompt": format_prompt(row["question"], prompt_template),
+            }
+        )
+    if n_samples is not None and n_samples < len(questions):
+        keep = sorted(random.Random(seed).sample(range(len(questions)), n_samples))
+        questions = [questions[i] for i in keep]
+    return questions
+
+
+def _read_rows(dataset: str, split: str, hub_config: str):
+    """Yield ``(row, (file, line))`` pairs; ``line`` is 1-based, for error messages."""
+    path = Path(dataset)
+    if path.is_dir():
+        path = path / f"{split}.jsonl"
+    if path.suffix == ".jsonl" or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such dataset file (expected GSM8K-format JSONL: question, answer)")
+        for line, row in enumerate(iter_jsonl(path, SOURCE_ROW), start=1):
+            yield row, (str(path), line)
+        return
+    if dataset not in HUB_DATASETS and "/" not in dataset:
+        raise FileNotFoundError(f"{dataset}: neither a local JSONL file/folder nor a hub dataset id")
+    try:
+        from datasets import load_dataset
+    except ImportError as error:
+        raise ImportError(f"loading {dataset} from the hub needs the `datasets` package: pip install datasets") from error
+    for index, row in enumerate(load_dataset(dataset, hub_config, split=split)):
+        yield row, (f"{dataset}[{split}]", index + 1)
+
+
+def collate_questions(items: list[dict]) -> dict[str, list]:
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+class GSM8KDataModule(L.LightningDataModule):
+    """Serves GSM8K-format questions to every stage: shuffled for ``fit`` (PPO samples its own answers), in source
+    order for ``predict``/``test``, sharded across ranks without repeats so that each question is answered once."""
+
+    def __init__(
+        self,
+        dataset: str = "openai/gsm8k",
+        split: str = "train",
+        n_samples: int | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+        prompt_template: str = "abel",
+        hub_config: str = "main",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.questions: list[dict] = []
+        self._skip: set[str] = set()
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        self.questions = load_questions(hp.dataset, hp.split, hp.n_samples, hp.seed, hp.prompt_template, hp.hub_config)
+
+    def skip(self, question_ids: set[str]) -> None:
+        """Leave out questions already answered (a resumed rollout or evaluation)."""
+        self._skip = set(question_ids)
+
+    def _pending(self) -> list[dict]:
+        return [q for q in self.questions if q["question_id"] not in self._skip]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._pending(),
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate_questions,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def _ordered_dataloader(self) -> DataLoader:
+        pending = self._pending()
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning's default sampler repeats rows to even out the shards; a repeated question would be written
+            # twice and counted twice in the accuracy.
+            sampler = UnrepeatedDistributedSampler(
+                pending, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            pending,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=collate_questions,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._ordered_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._ordered_dataloader()

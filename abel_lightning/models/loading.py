@@ -1,0 +1,150 @@
+"""The one place that loads a base model, its tokenizer and LoRA adapters.
+
+A model is named by a Hugging Face hub id (``GAIR/Abel-7B-002``), a local folder, or ``builtin:toy`` (the tiny base the
+package ships for the CPU testbed). The policy is always ``base + LoRA``; the reference policy is the same model with
+the adapter disabled, so no second copy of the weights is ever held.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+Quantization = Literal["4bit", "8bit"]
+
+# Mistral/Llama names: every attention and MLP projection, as QLoRA recommends.
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters (Hu et al. 2021). Defaults: r=16, alpha=32 on all attention and MLP projections."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and local paths through."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX):]}-base"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{name}: no packaged model at {folder}; rebuild it with scripts/pretrain_toy.py")
+    return str(folder)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Tokenizer for generation and scoring: left padding (batched decoding), a pad token (Mistral has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype; use bfloat16, float16 or float32")
+    return dtype
+
+
+def load_base(
+    name: str,
+    dtype: str = "bfloat16",
+    quantization: Quantization | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load the frozen base model.
+
+    ``quantization`` loads the weights with bitsandbytes (``4bit``: NF4 with double quantization and ``dtype`` compute,
+    as in QLoRA; ``8bit``: LLM.int8). Quantized weights are placed on ``device`` at load time, since bitsandbytes cannot
+    quantize on the CPU; otherwise the model loads on the CPU and Lightning's strategy moves it.
+    """
+    kwargs: dict = {"dtype": _dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization, _dtype(dtype))
+        kwargs["device_map"] = {"": str(device if device is not None else "cuda")}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    model.requires_grad_(False)
+    return model
+
+
+def _bnb_config(quantization: Quantization, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401  (checked here so the error names the missing extra)
+    except ImportError as error:
+        raise ImportError("quantization needs bitsandbytes: pip install 'abel-lightning[quant]'") from error
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization {quantization!r}: use '4bit', '8bit' or null")
+
+
+def attach_lora(
+    base: PreTrainedModel,
+    lora: LoraSettings | None = None,
+    adapter: str | None = None,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Wrap ``base`` with a LoRA adapter: a fresh one from ``lora``, or the saved one at ``adapter`` (then ``lora`` is
+    ignored: the adapter folder carries its own config)."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach LoRA weights while the embeddings stay frozen.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").exists() and Path(adapter).exists():
+            raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    else:
+        model = get_peft_model(base, (lora or LoraSettings()).to_peft())
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path, state_dict=None) -> Path:
+    """Write a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer files).
+
+    ``state_dict`` (the adapter's weights under the PEFT model's own names) lets a caller that gathered sharded
+    weights, as under FSDP, save them without touching the sharded module.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,103 @@
+"""Prompt + response token batches and their per-token log-probabilities under a model.
+
+Layout (as ``generate`` produces it): prompts left-padded to a common width P, responses right-padded to a common
+width R. Every per-token tensor of the algorithms is ``[batch, R]``: entry t scores response token t, predicted from
+the logits at position P + t - 1. Padding lives only at the right of a response, which is what GAE expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from abel_lightning.models.generation import Completion
+
+
+@dataclass
+class SequenceBatch:
+    """``input_ids``/``attention_mask``: ``[B, P + R]``; ``response_mask``: ``[B, R]``, 1 on generated tokens."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_width: int
+
+    @property
+    def position_ids(self) -> Tensor:
+        # Positions count real tokens only, as `generate` numbers them under left padding; without this the
+        # training forward would see shifted positions and the PPO ratio would not start at 1.
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def to(self, device) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width
+        )
+
+    def select(self, rows: Tensor | slice) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_width
+        )
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
+    """Left-pad prompts and right-pad responses into one ``SequenceBatch``."""
+    width_p = max(len(p) for p in prompts)
+    width_r = max(1, max(len(r) for r in responses))
+    rows, attention, response_mask = [], [], []
+    for prompt, response in zip(prompts, responses):
+        left, right = width_p - len(prompt), width_r - len(response)
+        rows.append([pad_id] * left + prompt + response + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+        response_mask.append([1] * len(response) + [0] * right)
+    return SequenceBatch(
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(attention, dtype=torch.long),
+        torch.tensor(response_mask, dtype=torch.float32),
+        width_p,
+    )
+
+
+def pack_completions(completions: list[Completion], pad_id: int) -> SequenceBatch:
+    return pack([c.prompt_ids for c in completions], [c.response_ids for c in completions], pad_id)
+
+
+@dataclass
+class ForwardOutput:
+    """``logprobs``, ``entropy``: ``[B, R]``; ``hidden``: ``[B, R, H]``, the last hidden state that predicts each
+    response token (what a value head reads), or None when not asked for."""
+
+    logprobs: Tensor
+    entropy: Tensor
+    hidden: Tensor | None
+
+
+def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with_hidden: bool = False) -> ForwardOutput:
+    """One forward pass: log-probs (of logits / ``temperature``, the distribution that was sampled), entropy, and
+    optionally hidden states, over the response tokens only."""
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        output_hidden_states=with_hidden,
+        use_cache=False,
+    )
+    start = batch.prompt_width - 1
+    width = batch.response_mask.shape[1]
+    logits = output.logits[:, start : start + width].float()
+    if temperature > 0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, start + 1 : start + 1 + width]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():  # entropy is logged, never optimised: keep its [B, R, V] intermediates out of autograd
+        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    hidden = output.hidden_states[-1][:, start : start + width] if with_hidden else None
+    mask = batch.response_mask
+    return ForwardOutput(logprobs * mask, entropy * mask, hidden)
+
+
+def sequence_logprobs(model, batch: SequenceBatch) -> Tensor:
+    """Sum of response-token log-probs per row (``[B]``), the quantity DPO compares."""
+    return response_forward(model, batch).logprobs.sum(-1)

@@ -1,0 +1,263 @@
+"""Phase 1: PPO for correctness over LoRA (Schulman et al. 2017; the RLHF recipe of Ziegler et al. 2019).
+
+One ``training_step`` is one PPO iteration on a batch of questions:
+
+1. rollout: sample ``samples_per_question`` solutions per question from the current policy;
+2. score: reward 1.0 for a right final answer, else 0.0;
+3. evaluate: old log-probs and values (policy), reference log-probs (the same model with the adapter disabled);
+4. advantage: per-token KL penalty against the reference, then GAE with the value head (or GRPO / RLOO);
+5. update: ``ppo_epochs`` passes of clipped minibatch updates, stopped early once the approximate KL between the
+   new and the old policy exceeds ``target_kl``;
+6. KL control: the KL coefficient adapts towards ``kl_target`` (or stays fixed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from abel_lightning.losses.advantages import ESTIMATORS_USING_CRITIC, advantage_estimator
+from abel_lightning.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimator,
+    masked_mean,
+    ppo_policy_loss,
+    value_loss,
+)
+from abel_lightning.models.generation import SamplingSettings, generate
+from abel_lightning.models.loading import LoraSettings, Quantization
+from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
+from abel_lightning.models.value_head import ValueHead
+from abel_lightning.modules.trainable import LoRATrainingModule
+from abel_lightning.rewards import get_reward
+
+
+class PPOModule(LoRATrainingModule):
+    def __init__(
+        self,
+        model: str = "GAIR/Abel-7B-002",
+        adapter: str | None = None,
+        lora: LoraSettings | None = None,
+        dtype: str = "bfloat16",
+        quantization: Quantization | None = None,
+        gradient_checkpointing: bool = True,
+        sampling: SamplingSettings | None = None,
+        samples_per_question: int = 1,
+        reward: str = "correctness",
+        advantage: str = "gae",
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        ppo_epochs: int = 4,
+        minibatch_size: int = 4,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        init_kl_coef: float = 0.05,
+        kl_target: float | None = 6.0,
+        kl_horizon: int = 10000,
+        kl_penalty: str = "k1",
+        target_kl: float | None = 0.1,
+        max_grad_norm: float = 1.0,
+        max_generation_rows: int | None = None,
+    ):
+        """
+        Args:
+            model: base model: hub id, local folder, or ``builtin:toy``.
+            adapter: a PEFT adapter folder to start from; None starts a fresh LoRA from ``lora``.
+            lora: LoRA settings (r, alpha, dropout, target modules) of a fresh adapter.
+            dtype: dtype of the base weights (bfloat16 on GPUs, float32 on CPUs).
+            quantization: ``4bit`` (QLoRA, NF4) or ``8bit`` base via bitsandbytes; None keeps ``dtype``.
+            gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+            sampling: temperature, top_p, max_new_tokens of the rollouts.
+            samples_per_question: k solutions per question (GRPO and RLOO need k >= 2).
+            reward: a name registered in ``abel_lightning.rewards`` (default: final-answer correctness).
+            advantage: ``gae`` (value head), ``grpo`` or ``rloo`` (critic-free), or any registered estimator.
+            learning_rate: AdamW learning rate of the LoRA (and value head) weights.
+            weight_decay: AdamW weight decay.
+            ppo_epochs: passes over each rollout batch.
+            minibatch_size: rollout rows per optimizer step.
+            clip_range: PPO's epsilon for the probability ratio.
+            clip_range_value: clipping of the value update around the old values.
+            vf_coef: weight of the value loss in the joint loss.
+            gamma: discount over tokens.
+            lam: GAE's lambda.
+            init_kl_coef: starting coefficient of the KL penalty against the reference policy.
+            kl_target: KL (nats per sequence) the adaptive controller steers towards; None keeps the coefficient fixed.
+            kl_horizon: the adaptive controller's horizon, in rollout rows.
+            kl_penalty: per-token KL estimator of the penalty: ``k1`` or ``k3``.
+            target_kl: stop an iteration's epochs once the approximate KL between new and old policy exceeds this;
+                None never stops early.
+            max_grad_norm: gradient clipping by global norm.
+            max_generation_rows: cap on rows decoded at once (halved automatically on out-of-memory).
+        """
+        super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.sampling = sampling or SamplingSettings()
+        self.reward_fn = get_reward(reward)
+        self.estimator = advantage_estimator(advantage)
+        self.uses_critic = advantage in ESTIMATORS_USING_CRITIC
+        self.value_head: ValueHead | None = None
+        self.kl_controller = (
+            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
+            if kl_target is not None
+            else FixedKLController(init_kl_coef)
+        )
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.uses_critic and self.value_head is None:
+            self.value_head = ValueHead(self.policy.config.hidden_size)
+            if self.hparams.adapter is not None:
+                self.value_head.load(self.hparams.adapter)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.trainable_parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+
+    # -- the algorithm ------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        rollout, scores, gen_stats = self.rollout(batch["prompt"], batch["gold_answer"])
+        old, values, ref_logprobs = self.evaluate(rollout)
+        mask = rollout.response_mask
+        advantages, returns = self.estimator(
+            scores,
+            old.logprobs,
+            ref_logprobs,
+            values,
+            mask,
+            group_size=hp.samples_per_question,
+            kl_coef=self.kl_controller.value,
+            gamma=hp.gamma,
+            lam=hp.lam,
+            kl_estimator=hp.kl_penalty,
+        )
+        update_stats = self.update(rollout, old.logprobs, values, advantages, returns)
+
+        kl = (kl_estimator(hp.kl_penalty)(old.logprobs, ref_logprobs) * mask).sum(-1).mean()
+        kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+        self.kl_controller.update(float(kl), n_steps=len(scores) * self.trainer.world_size)
+        self.log_dict(
+            {
+                "reward": scores.mean(),
+                "accuracy": (scores > 0.5).float().mean(),
+                "kl": kl,
+                "kl_coef": self.kl_controller.value,
+                "entropy": masked_mean(old.entropy, mask),
+                "response_length": mask.sum(-1).mean(),
+                **gen_stats,
+                **update_stats,
+            },
+            prog_bar=False,
+            sync_dist=True,
+            batch_size=len(scores),
+        )
+        self.log("reward_mean", scores.mean(), prog_bar=True, sync_dist=True, batch_size=len(scores))
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], golds: list[str]) -> tuple[SequenceBatch, torch.Tensor, dict]:
+        """Sample k solutions per question and score them; rows come question by question."""
+        k = self.hparams.samples_per_question
+        started = time.perf_counter()
+        self.policy.eval()
+        groups = generate(
+            self.policy,
+            self.tokenizer,
+            prompts,
+            self.sampling,
+            num_samples=k,
+            max_batch_rows=self.hparams.max_generation_rows,
+            synced_gpus=self._sharded,
+        )
+        seconds = time.perf_counter() - started
+        completions = [c for group in groups for c in group]
+        scores = [self.reward_fn(c.text, gold) for gold, group in zip(golds, groups) for c in group]
+        if not all(math.isfinite(s) for s in scores):
+            raise FloatingPointError(f"reward {self.hparams.reward!r} returned a non-finite value: {scores}")
+        tokens = sum(len(c.response_ids) for c in completions)
+        stats = {"generation_seconds": seconds, "generation_tokens_per_s": tokens / seconds}
+        rollout = pack_completions(completions, self.tokenizer.pad_token_id).to(self.device)
+        return rollout, torch.tensor(scores, device=self.device), stats
+
+    @torch.no_grad()
+    def evaluate(self, rollout: SequenceBatch):
+        """Old-policy log-probs (and values) and reference log-probs of the sampled tokens."""
+        temperature = self.sampling.temperature
+        old = response_forward(self.policy, rollout, temperature, with_hidden=self.uses_critic)
+        values = self.value_head(old.hidden) * rollout.response_mask if self.uses_critic else None
+        # The reference policy is the base alone: the same weights with the LoRA adapter switched off.
+        with self.policy.disable_adapter():
+            ref = response_forward(self.policy, rollout, temperature)
+        return old, values, ref.logprobs
+
+    def update(self, rollout, old_logprobs, old_values, advantages, returns) -> dict:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        self.policy.train()
+        rows = rollout.input_ids.shape[0]
+        step_stats: list[dict[str, torch.Tensor]] = []
+        stopped_early = False
+        for _ in range(hp.ppo_epochs):
+            for rows_mb in torch.randperm(rows, device=self.device).split(hp.minibatch_size):
+                minibatch = rollout.select(rows_mb)
+                mask = minibatch.response_mask
+                out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
+                loss, stats = ppo_policy_loss(out.logprobs, old_logprobs[rows_mb], advantages[rows_mb], mask, hp.clip_range)
+                record = {"policy_loss": loss.detach(), "clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl}
+                if self.uses_critic:
+                    values = self.value_head(out.hidden)
+                    v_loss, v_clip = value_loss(values, old_values[rows_mb], returns[rows_mb], mask, hp.clip_range_value)
+                    loss = loss + hp.vf_coef * v_loss
+                    record |= {"value_loss": v_loss.detach(), "value_clip_fraction": v_clip}
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite PPO loss at iteration {self.trainer.fit_loop.total_batch_idx}: the last good "
+                        "adapter is the one saved before this step; lower model.learning_rate or raise "
+                        "model.init_kl_coef and resume from it"
+                    )
+                # Checked before stepping, as in Stable-Baselines3: a minibatch that finds the policy already too far
+                # from the one that sampled is not applied. All ranks decide on the mean KL, so they stop together.
+                approx_kl = self.trainer.strategy.reduce(stats.approx_kl.detach(), reduce_op="mean")
+                if hp.target_kl is not None and approx_kl > hp.target_kl:
+                    stopped_early = True
+                    break
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                step_stats.append(record)
+            if stopped_early:
+                break
+        self.policy.eval()
+        summary = {key: torch.stack([s[key] for s in step_stats]).mean() for key in step_stats[0]}
+        summary["update_steps"] = float(len(step_stats))
+        return summary
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+
+    @property
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+    def export_adapter(self, folder, state_dict: dict):
+        folder = super().export_adapter(folder, state_dict)
+        if self.value_head is not None:
+            self.value_head.save(folder, {k: v for k, v in state_dict.items() if k.startswith("value_head.")})
+        return folder

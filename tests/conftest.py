@@ -1,0 +1,24 @@
+"""Shared fixtures: a tiny random causal LM saved to disk (loaded through the real loading code) and the data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read GSM8K from ../shared/data beside the checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Llama with random weights and the toy tokenizer, as a local model folder."""
+    from abel_lightning.models.tiny import build_random_model
+
+    return str(build_random_model("tiny-llama", tmp_path_factory.mktemp("tiny-llama"), seed=0))
