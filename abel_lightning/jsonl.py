@@ -95,7 +95,16 @@ def validate(record: object, schema: Schema) -> None:
 def iter_jsonl(
     path: str | os.PathLike, schema: Schema | None = None, tolerate_partial_tail: bool = False
 ) -> Iterator[dict]:
-    """Yield the records of a JSONL file in order, skipping blank lines; with ``schema``, validate each one.
+    """Yield the records of a JSONL file in order (see :func:`iter_numbered_jsonl`)."""
+    for _, record in iter_numbered_jsonl(path, schema, tolerate_partial_tail):
+        yield record
+
+
+def iter_numbered_jsonl(
+    path: str | os.PathLike, schema: Schema | None = None, tolerate_partial_tail: bool = False
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for the records of a JSONL file in order (1-based line numbers, so callers
+    that check more than the schema can name the line), skipping blank lines; with ``schema``, validate each one.
 
     ``tolerate_partial_tail=True`` (for resuming) ignores a last line that has no trailing newline, the mark of a
     writer killed mid-line, instead of reading it (and failing on its truncated JSON).
@@ -126,7 +135,7 @@ def iter_jsonl(
                 raise JsonlError(path, line_number, None, reason=reason) from error
             if schema is not None:
                 _validate_line(record, schema, path, line_number)
-            yield record
+            yield line_number, record
 
 
 def read_jsonl(

@@ -14,7 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from abel_lightning.answers import extract_gold
-from abel_lightning.jsonl import JsonlError, iter_jsonl
+from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
 from abel_lightning.prompts import format_prompt
 
 # Hub ids whose rows carry GSM8K's columns (question, answer) under config "main".
@@ -68,7 +68,7 @@ def _read_rows(dataset: str, split: str, hub_config: str):
     if path.suffix == ".jsonl" or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such dataset file (expected GSM8K-format JSONL: question, answer)")
-        for line, row in enumerate(iter_jsonl(path, SOURCE_ROW), start=1):
+        for line, row in iter_numbered_jsonl(path, SOURCE_ROW):
             yield row, (str(path), line)
         return
     if dataset not in HUB_DATASETS and "/" not in dataset:
