@@ -24,7 +24,9 @@ def model_name(path: str | Path) -> str:
     return name.removesuffix(SUFFIX) if name.endswith(SUFFIX) else Path(name).stem
 
 
-def bootstrap_interval(correct: int, n: int, n_bootstrap: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    correct: int, n: int, n_bootstrap: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of an accuracy of ``correct`` out of ``n``.
 
     Resampling n right/wrong outcomes with replacement and taking their mean is distributed exactly as
@@ -42,7 +44,8 @@ def bootstrap_interval(correct: int, n: int, n_bootstrap: int = 10000, seed: int
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for ``b`` questions only model A got right and ``c`` only model B got right.
 
-    Under the null each discordant question is a fair coin: ``p = min(1, 2 * sum_{i <= min(b, c)} C(b + c, i) / 2^(b+c))``.
+    Under the null each discordant question is a fair coin, so with ``n = b + c``:
+    ``p = min(1, 2 * sum_{i <= min(b, c)} C(n, i) / 2^n)``.
     Example: b = 8, c = 2 -> 2 * (1 + 10 + 45) / 1024 = 0.109375. No discordant question -> 1.0.
     """
     n = b + c
@@ -136,7 +139,7 @@ def _print_tables(rows: list[dict]) -> None:
     if len(rows) < 2:
         return
     pairs = Table(title="Exact McNemar tests on the questions both answered")
-    for column in ("A", "B", "common", "only A right", "only B right", "p-value"):
+    for column in ("A", "B", "common", "only A", "only B", "p-value"):
         pairs.add_column(column, justify="left" if column in ("A", "B") else "right")
     for i, row in enumerate(rows):
         for other in rows[i + 1 :]:

@@ -1,12 +1,11 @@
 """Runs Regime W rollouts and/or Platinum evaluation of a tiny model in its own process, for the tests that need one:
 a DDP run (Lightning relaunches this file once per rank, which ``python -c`` cannot be) and a run that is SIGKILLed.
 
-    python tests/policy_phase_script.py --model M --data D --rollouts R --eval-dirs E1,E2 [--devices 2] [--phases predict,test]
+    python tests/policy_phase_script.py --model M --data D --rollouts R --eval-dirs E1,E2
+        [--any-shard-eval-dirs E3] [--devices 2] [--phases predict,test]
 
 ``--pause-after-first-batch S`` sleeps S seconds once the first predict batch is written, so a test can kill the run at
-a known point. The test phase evaluates into each of ``--eval-dirs`` and ``--any-shard-eval-dirs`` (with
-``AnyShardGSM8K``) in turn, one Trainer each in one process group;
-rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
+a known point. The test phase evaluates into each of ``--eval-dirs`` and ``--any-shard-eval-dirs`` in turn, one Trainer each in one process group; rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import time
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from abel_lightning.callbacks.platinum_eval import PlatinumEval
 from abel_lightning.callbacks.regime_w import RegimeWCollector
-from abel_lightning.data.gsm8k import GSM8KDataModule, collate_questions
+from abel_lightning.data.gsm8k import GSM8KDataModule
 from abel_lightning.models.generation import SamplingSettings
 from abel_lightning.models.loading import load_base, load_tokenizer
 from abel_lightning.modules.policy import PolicyModule
@@ -30,42 +28,20 @@ from abel_lightning.regime_w import RegimeWConfig
 K = 4
 
 
-def rollout_parts(model: str, data: str, n_samples: int, output: str) -> tuple[PolicyModule, GSM8KDataModule, RegimeWCollector]:
+def rollout_parts(
+    model: str, data: str, n_samples: int, output: str
+) -> tuple[PolicyModule, GSM8KDataModule, RegimeWCollector]:
     """The rollout setup every rollout test uses: k = 4 samples at temperature 1, 8 new tokens, batches of 2."""
-    module = PolicyModule(
-        model=model, dtype="float32", sampling=SamplingSettings(max_new_tokens=8, temperature=1.0), samples_per_question=K
-    )
+    sampling = SamplingSettings(max_new_tokens=8, temperature=1.0)
+    module = PolicyModule(model=model, dtype="float32", sampling=sampling, samples_per_question=K)
     datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=n_samples, batch_size=2)
     return module, datamodule, RegimeWCollector(output=output, regime_w=RegimeWConfig(k=K))
 
 
-class _RankShard(DistributedSampler):
-    """Rows ``rank::world``, never padded, possibly none (Lightning's UnrepeatedDistributedSampler asserts one each)."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-
-class AnyShardGSM8K(GSM8KDataModule):
-    """GSM8KDataModule that lets a rank have no question at all, as happens when a resumed run has fewer questions
-    left than ranks; GSM8KDataModule itself fails an assertion then (reported to the data module's owner)."""
-
-    def test_dataloader(self) -> DataLoader:
-        pending = self._pending()
-        sampler = _RankShard(pending, self.trainer.world_size, self.trainer.global_rank)
-        return DataLoader(pending, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=collate_questions)
-
-
-def eval_parts(
-    model: str, data: str, n_samples: int, output_dir: str, datamodule_class: type = GSM8KDataModule
-) -> tuple[PolicyModule, GSM8KDataModule, PlatinumEval]:
+def eval_parts(model: str, data: str, n_samples: int, output_dir: str) -> tuple[PolicyModule, GSM8KDataModule, PlatinumEval]:
     """The evaluation setup every eval test uses: greedy, 8 new tokens, batches of 2."""
     module = PolicyModule(model=model, dtype="float32", sampling=SamplingSettings(max_new_tokens=8, temperature=0.0))
-    datamodule = datamodule_class(dataset=data, split="train", n_samples=n_samples, batch_size=2)
+    datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=n_samples, batch_size=2)
     return module, datamodule, PlatinumEval(output_dir=output_dir)
 
 
@@ -130,10 +106,10 @@ def main() -> None:
                 callbacks.append(PauseAfterFirstBatch(args.pause_after_first_batch))
             trainer(callbacks, args.devices, strategy).predict(module, datamodule=datamodule, return_predictions=False)
         elif phase == "test":
-            runs = [(folder, GSM8KDataModule) for folder in args.eval_dirs.split(",") if folder]
-            runs += [(folder, AnyShardGSM8K) for folder in args.any_shard_eval_dirs.split(",") if folder]
-            for folder, datamodule_class in runs:
-                module, datamodule, evaluation = eval_parts(args.model, args.data, args.n_samples, folder, datamodule_class)
+            folders = [f for f in (args.eval_dirs + "," + args.any_shard_eval_dirs).split(",") if f]
+            for folder in folders:
+                parts = eval_parts(args.model, args.data, args.n_samples, folder)
+                module, datamodule, evaluation = parts
                 run = trainer([evaluation], args.devices, strategy)
                 run.test(module, datamodule=datamodule)
                 if run.is_global_zero:

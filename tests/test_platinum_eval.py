@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 
 from abel_lightning.callbacks.platinum_eval import PlatinumEval
+from abel_lightning.callbacks.regime_w import RegimeWCollector
 from abel_lightning.data.gsm8k import GSM8KDataModule, load_questions
 from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from abel_lightning.schemas import EVAL, ROLLOUT
@@ -28,7 +29,8 @@ def seed_correct_answers(path: Path, questions: list[dict]) -> None:
     """An earlier run's records, all correct, so that the accuracy is not trivially 0 for a random model."""
     records = [
         {"question_id": q["question_id"], "question": q["question"], "gold_answer": q["gold_answer"],
-         "completion": f"The answer is {q['gold_answer']}", "answer": q["gold_answer"], "correct": True, "num_tokens": 5}
+         "completion": f"The answer is {q['gold_answer']}", "answer": q["gold_answer"], "correct": True,
+         "num_tokens": 5}
         for q in questions
     ]
     write_jsonl_atomic(path, records, EVAL)
@@ -50,8 +52,10 @@ def test_eval_file_and_reported_accuracy(tiny_model, shared_data, tmp_path, caps
     output = tmp_path / "base_platinum_eval.jsonl"
     seed_correct_answers(output, questions(shared_data)[1:3])
 
-    run, evaluation = run_eval(tiny_model, shared_data, tmp_path)
+    # A rollout collector on the same trainer stays out of the test loop.
+    run, evaluation = run_eval(tiny_model, shared_data, tmp_path, [RegimeWCollector(str(tmp_path / "rollouts.jsonl"))])
 
+    assert not (tmp_path / "rollouts.jsonl").exists()
     records = read_jsonl(output, EVAL)
     assert [r["question_id"] for r in records] == [q["question_id"] for q in questions(shared_data)]
     accuracy = mean_correct(output)
@@ -96,13 +100,14 @@ def test_two_ddp_ranks_write_and_score_what_one_process_does(tiny_model, shared_
     trainer([collector]).predict(module, datamodule=datamodule, return_predictions=False)
     _, evaluation = run_eval(tiny_model, shared_data, one)
     # One question left to answer: rank 1 gets none, skips the whole test loop, and must still join the merge and
-    # the accuracy's all-reduce. (GSM8KDataModule's sampler refuses a rank without questions; see AnyShardGSM8K.)
+    # the accuracy's all-reduce.
     kept = read_jsonl(one / "base_platinum_eval.jsonl", EVAL)[:-1]
     write_jsonl_atomic(resumed / "base_platinum_eval.jsonl", kept, EVAL)
 
     command = [
         sys.executable, str(SCRIPT), "--model", tiny_model, "--data", data, "--n-samples", str(N), "--devices", "2",
-        "--phases", "predict,test", "--rollouts", str(two / "rollouts.jsonl"), "--eval-dirs", str(two), "--any-shard-eval-dirs", str(resumed),
+        "--phases", "predict,test", "--rollouts", str(two / "rollouts.jsonl"),
+        "--eval-dirs", str(two), "--any-shard-eval-dirs", str(resumed),
     ]
     ddp = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-4000:]

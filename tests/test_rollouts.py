@@ -126,7 +126,8 @@ def test_killed_rollouts_resume_without_loss_or_repeat(tiny_model, shared_data, 
 
 def test_rollouts_after_fit_from_the_training_policy(tiny_model, shared_data, tmp_path):
     output = tmp_path / "rollouts.jsonl"
-    datamodule = GSM8KDataModule(dataset=str(shared_data / "gsm8k/train.jsonl"), split="train", n_samples=4, batch_size=2)
+    data = str(shared_data / "gsm8k/train.jsonl")
+    datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=4, batch_size=2)
     collector = RegimeWCollector(output=str(output), regime_w=RegimeWConfig(k=2), after_fit=True, batch_size=3)
     trainer([collector], max_steps=1).fit(TinyTrainingModule(tiny_model), datamodule=datamodule)
 

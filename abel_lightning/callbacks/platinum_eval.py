@@ -1,5 +1,6 @@
-"""Phase 5: GSM8K Platinum evaluation. Writes one EVAL record per question to ``<output_dir>/<name>_platinum_eval.jsonl``
-(resumably, see :mod:`abel_lightning.callbacks.resumable_writer`) and reports the accuracy over the whole file.
+"""Phase 5: GSM8K Platinum evaluation. Writes one EVAL record per question to
+``<output_dir>/<name>_platinum_eval.jsonl`` (resumably, see :mod:`abel_lightning.callbacks.resumable_writer`) and
+reports the accuracy over the whole file.
 
     abel-lightning test --config configs/eval.yaml [--model.adapter checkpoints/abel_dpo_lora]
 
@@ -76,7 +77,8 @@ class PlatinumEval(ResumableRecorder):
         """
         Args:
             output_dir: where ``<name>_platinum_eval.jsonl`` (and the in-fit ``<name>_step<N>_...`` files) go.
-            name: the model's name in file names; None takes ``pl_module.name`` (the adapter folder's name, or ``base``).
+            name: the model's name in file names; None takes ``pl_module.name`` (the adapter folder's name, or
+                ``base``).
             every_n_steps: inside ``fit``, evaluate every this many optimizer steps (0: never).
             dataset: in-fit only (``test`` takes the datamodule's questions): a GSM8K-format hub id or JSONL path.
             split: in-fit only: the dataset split.
@@ -105,7 +107,7 @@ class PlatinumEval(ResumableRecorder):
         self._answered = SumMetric()
 
     def model_name(self, pl_module: L.LightningModule) -> str:
-        """``name``, else ``pl_module.name``, else the module's class name without ``Module`` (``PPOModule`` -> ``ppo``)."""
+        """``name``, else ``pl_module.name``, else the class name without ``Module`` (``PPOModule`` -> ``ppo``)."""
         if self.name is not None:
             return self.name
         name = getattr(pl_module, "name", None)
@@ -156,7 +158,7 @@ class PlatinumEval(ResumableRecorder):
                 f"questions/s, {run['tokens_per_s']:.0f} tokens/s"
             )
 
-    # -- inside fit -----------------------------------------------------------------------------------------------------
+    # -- inside fit ---------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.every_n_steps > 0:
@@ -165,7 +167,7 @@ class PlatinumEval(ResumableRecorder):
             )
         super().setup(trainer, pl_module, stage)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # global_step counts optimizer steps; with gradient accumulation several batches end on the same step.
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:

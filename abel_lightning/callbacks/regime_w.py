@@ -46,7 +46,9 @@ def rollout_record(answered: Answered, config: RegimeWConfig) -> dict:
         "s_wm": scores.s_wm,
         "trajectories": [
             {"full_text": text, "answer": answer, "num_tokens": tokens, "reward": reward, "correct": right, "arm": arm}
-            for text, answer, tokens, reward, right, arm in zip(texts, answers, num_tokens, rewards, correct, answered.arms)
+            for text, answer, tokens, reward, right, arm in zip(
+                texts, answers, num_tokens, rewards, correct, answered.arms
+            )
         ],
     }
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
@@ -63,7 +63,8 @@ class ResumableJsonl:
         """Every rank's part file, including those of an earlier run with more ranks, in rank order."""
         if not self.path.parent.exists():
             return []
-        parts = [p for p in self.path.parent.glob(f"{glob.escape(self.path.name)}.part*") if _PART_SUFFIX_RE.search(p.name)]
+        candidates = self.path.parent.glob(f"{glob.escape(self.path.name)}.part*")
+        parts = [p for p in candidates if _PART_SUFFIX_RE.search(p.name)]
         return sorted(parts, key=lambda p: int(_PART_SUFFIX_RE.search(p.name).group(1)))
 
     def read(self) -> list[dict]:
@@ -144,7 +145,8 @@ class ResumableRecorder(L.Callback):
 
     def summarize(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: list[dict] | None, run: dict) -> None:
         """Called on every rank at the end; ``merged`` is the final file's records on rank 0 (None elsewhere), ``run``
-        this run's totals over all ranks: ``questions``, ``tokens``, ``seconds``, ``tokens_per_s``, ``questions_per_s``."""
+        this run's totals over all ranks: ``questions``, ``tokens``, ``seconds``, ``tokens_per_s``,
+        ``questions_per_s``."""
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------------
 
@@ -162,21 +164,33 @@ class ResumableRecorder(L.Callback):
         if self.earlier and trainer.is_global_zero:
             log.info("%s: resuming, %d questions already answered", self.writer.path, len(self.earlier))
 
+    # The hooks of both loops are defined here; each callback acts only in its own stage's loop.
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = time.perf_counter()
+        if self.stage == "predict":
+            self._started = time.perf_counter()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = time.perf_counter()
+        if self.stage == "test":
+            self._started = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.record(trainer, outputs)
+        if self.stage == "predict":
+            self.record(trainer, outputs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.record(trainer, outputs)
+        if self.stage == "test":
+            self.record(trainer, outputs)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == self.stage and self.writer is not None:
             self.finish(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # The part files stay as they are for the rerun; only the open handle goes.
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     # -- the machinery ------------------------------------------------------------------------------------------------
 
@@ -216,32 +230,35 @@ class ResumableRecorder(L.Callback):
         self.writer = None
 
     def _show_progress(self, trainer: L.Trainer) -> None:
-        """This rank's rates: on Lightning's TQDM bar when there is one, else a log line every few batches."""
+        """This rank's rates, on Lightning's progress bar when there is one, else in a log line every few batches."""
         seconds = max(time.perf_counter() - (self._started or time.perf_counter()), 1e-9)
-        rates = {"q/s": f"{self._questions / seconds:.2f}", "tok/s": f"{self._tokens / seconds:.0f}"}
-        bar = _tqdm_bar(trainer, self.stage)
-        if bar is not None:
-            bar.set_postfix(rates, refresh=False)
-        elif trainer.is_global_zero and self.log_every_n_batches > 0 and self._batches % self.log_every_n_batches == 0:
-            log.info(
-                "%s: %d questions this run, %s questions/s, %s tokens/s (rank 0)",
-                self.writer.path,
-                self._questions,
-                rates["q/s"],
-                rates["tok/s"],
-            )
+        rates = f"{self._questions / seconds:.2f} questions/s, {self._tokens / seconds:.0f} tokens/s"
+        if _show_on_progress_bar(trainer, self.stage, rates):
+            return
+        if trainer.is_global_zero and self.log_every_n_batches > 0 and self._batches % self.log_every_n_batches == 0:
+            log.info("%s: %d questions this run, %s (rank 0)", self.writer.path, self._questions, rates)
 
 
-def _tqdm_bar(trainer: L.Trainer, stage: str):
-    """The TQDM bar of the running loop (rank 0 only), or None. Inside ``fit`` there is none for our sampling."""
+_BAR_DESCRIPTIONS = {"predict": "Predicting", "test": "Testing"}
+
+
+def _show_on_progress_bar(trainer: L.Trainer, stage: str, text: str) -> bool:
+    """Put ``text`` on the running loop's bar (TQDM: postfix; Rich: description); False when there is no such bar
+    (progress bar disabled, rank > 0, or sampling inside ``fit``, which has no bar for it)."""
     callback = trainer.progress_bar_callback
-    if not isinstance(callback, TQDMProgressBar) or not callback.is_enabled or stage not in ("predict", "test"):
-        return None
-    try:
-        return callback.predict_progress_bar if stage == "predict" else callback.test_progress_bar
-    except TypeError:
-        # Raised by Lightning while the bar is not created yet; there is nothing to show progress on.
-        return None
+    if callback is None or not callback.is_enabled or trainer.state.fn != stage or stage not in _BAR_DESCRIPTIONS:
+        return False
+    if isinstance(callback, TQDMProgressBar):
+        bar = callback.predict_progress_bar if stage == "predict" else callback.test_progress_bar
+        bar.set_postfix_str(text, refresh=False)
+        return True
+    if isinstance(callback, RichProgressBar):
+        task = getattr(callback, f"{stage}_progress_bar_id", None)
+        if callback.progress is None or task is None:
+            return False
+        callback.progress.update(task, description=f"{_BAR_DESCRIPTIONS[stage]} · {text}")
+        return True
+    return False
 
 
 def answer_with_policy(

@@ -10,8 +10,7 @@ import random
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from abel_lightning.answers import extract_gold
 from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
@@ -81,6 +80,22 @@ def _read_rows(dataset: str, split: str, hub_config: str):
         yield row, (f"{dataset}[{split}]", index + 1)
 
 
+class RankShard(DistributedSampler):
+    """Rows ``rank::world_size``, never padded and possibly none.
+
+    Lightning's default sampler repeats rows to even out the shards (a repeated question would be written and counted
+    twice), and its unrepeated one asserts that every rank gets a row, which a resumed run with fewer questions left
+    than ranks breaks.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 def collate_questions(items: list[dict]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in items[0]}
 
@@ -104,6 +119,8 @@ class GSM8KDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.questions: list[dict] = []
         self._skip: set[str] = set()
+        # A rank may have nothing left to answer when a resumed run has fewer questions than ranks.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -130,11 +147,7 @@ class GSM8KDataModule(L.LightningDataModule):
         pending = self._pending()
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning's default sampler repeats rows to even out the shards; a repeated question would be written
-            # twice and counted twice in the accuracy.
-            sampler = UnrepeatedDistributedSampler(
-                pending, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
+            sampler = RankShard(pending, self.trainer.world_size, self.trainer.global_rank)
         return DataLoader(
             pending,
             batch_size=self.hparams.batch_size,

@@ -146,6 +146,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
         self.pairs_path = Path(pairs)
         self.pad_id: int | None = None
+        # sha256 of what fixes the served token sequences (set in setup): the reference cache's key includes it.
+        self.fingerprint: str | None = None
         self.train_pairs: list[EncodedPair] = []
         self.val_pairs: list[EncodedPair] = []
 
@@ -164,6 +166,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 "`abel-lightning preferences` or point data.init_args.pairs at a pairs file"
             )
         records = read_jsonl(self.pairs_path, PAIR)
+        self.fingerprint = _fingerprint(self.pairs_path, hp.kinds, hp.max_prompt_length, hp.max_length)
         kept = [i for i, record in enumerate(records) if hp.kinds is None or record["kind"] in hp.kinds]
         if not kept:
             raise ValueError(f"{self.pairs_path}: no pairs of kinds {hp.kinds} among its {len(records)} pairs")
@@ -179,17 +182,6 @@ class PreferenceDataModule(L.LightningDataModule):
     def all_pairs(self) -> list[EncodedPair]:
         """Training and validation pairs: everything the reference log-probs are needed for."""
         return self.train_pairs + self.val_pairs
-
-    def fingerprint(self) -> str:
-        """sha256 of what fixes the served token sequences: the pairs file's bytes, the kinds kept, the truncation."""
-        digest = hashlib.sha256()
-        with open(self.pairs_path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-        hp = self.hparams
-        settings = {"kinds": hp.kinds, "max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        return digest.hexdigest()
 
     def train_dataloader(self) -> DataLoader:
         # Our own seeded DistributedSampler, also on one device (Lightning keeps it as it is): global batch k is then
@@ -216,3 +208,14 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             **kwargs,
         )
+
+
+def _fingerprint(path: Path, kinds: list[str] | None, max_prompt_length: int, max_length: int) -> str:
+    """sha256 of the pairs file's bytes, the kinds kept and the truncation lengths."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    settings = {"kinds": kinds, "max_prompt_length": max_prompt_length, "max_length": max_length}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()

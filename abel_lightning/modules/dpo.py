@@ -241,7 +241,7 @@ class DPOModule(LoRATrainingModule):
             "dtype": hp.dtype,
             "quantization": hp.quantization,
             "precision": str(self.trainer.precision),
-            "pairs": data.fingerprint(),
+            "pairs": data.fingerprint,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -126,7 +126,9 @@ class PPOModule(LoRATrainingModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
         rollout, scores, gen_stats = self.rollout(batch["prompt"], batch["gold_answer"])
+        started = time.perf_counter()
         old, values, ref_logprobs = self.evaluate(rollout)
+        evaluate_seconds = time.perf_counter() - started
         mask = rollout.response_mask
         advantages, returns = self.estimator(
             scores,
@@ -140,7 +142,9 @@ class PPOModule(LoRATrainingModule):
             lam=hp.lam,
             kl_estimator=hp.kl_penalty,
         )
+        started = time.perf_counter()
         update_stats = self.update(rollout, old.logprobs, values, advantages, returns)
+        update_seconds = time.perf_counter() - started
 
         kl = (kl_estimator(hp.kl_penalty)(old.logprobs, ref_logprobs) * mask).sum(-1).mean()
         kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
@@ -155,6 +159,8 @@ class PPOModule(LoRATrainingModule):
                 "response_length": mask.sum(-1).mean(),
                 **gen_stats,
                 **update_stats,
+                "evaluate_seconds": evaluate_seconds,
+                "update_seconds": update_seconds,
             },
             prog_bar=False,
             sync_dist=True,

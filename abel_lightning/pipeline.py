@@ -1,0 +1,185 @@
+"""The five phases chained from one config, resumable: ``abel-lightning pipeline --config configs/pipeline.yaml``.
+
+Each phase is the same ``abel-lightning`` command a user would run by hand, with its own Lightning config, plus a
+small override file (written into ``run_dir/configs/``) that wires the phases together: where the PPO adapter goes,
+where rollouts, pairs and evaluations are written. A phase whose outputs are complete is skipped (``run_dir/state.json``
+records the finished ones); a phase that was killed resumes where it stopped: training from its ``last.ckpt``,
+rollouts and evaluation from the questions already written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from abel_lightning.callbacks.adapter_checkpoint import LAST
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """What ``configs/pipeline.yaml`` holds."""
+
+    run_dir: str = "runs/abel"
+    ppo: str = "configs/ppo.yaml"
+    rollouts: str = "configs/rollouts.yaml"
+    dpo: str = "configs/dpo.yaml"
+    eval: str = "configs/eval.yaml"
+    preference_threshold: float = 0.01
+    # Set for the toy testbed: the generated toy dataset (GSM8K format) replaces the configs' datasets.
+    toy_data: dict | None = None
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown pipeline keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**raw)
+
+
+class Run:
+    """The paths of one pipeline run and the record of its finished phases."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.root = Path(config.run_dir)
+        self.ppo_adapter = self.root / "checkpoints" / "ppo_lora"
+        self.dpo_adapter = self.root / "checkpoints" / "dpo_lora"
+        self.rollouts = self.root / "data" / "rollouts.jsonl"
+        self.pairs = self.root / "data" / "preferences.jsonl"
+        self.eval_dir = self.root / "eval"
+        self.logs = self.root / "logs"
+        self.toy_dir = self.root / "data" / "toy"
+        self.state_path = self.root / "state.json"
+
+    def finished(self) -> list[str]:
+        return json.loads(self.state_path.read_text())["finished"] if self.state_path.exists() else []
+
+    def mark_finished(self, phase: str) -> None:
+        state = {"finished": [*self.finished(), phase]}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def override(self, name: str, values: dict) -> str:
+        path = self.root / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
+        return str(path)
+
+
+def _callback(class_path: str, **init_args) -> dict:
+    return {"class_path": class_path, "init_args": init_args}
+
+
+def _logger(run: Run, name: str) -> dict:
+    return _callback("lightning.pytorch.loggers.CSVLogger", save_dir=str(run.logs), name=name, version=0)
+
+
+def _data_override(run: Run, split: str) -> dict:
+    return {"data": {"init_args": {"dataset": str(run.toy_dir), "split": split}}} if run.config.toy_data else {}
+
+
+def _merge(*parts: dict) -> dict:
+    merged: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = _merge(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
+
+
+def phases(run: Run) -> list[tuple[str, list[str] | None]]:
+    """Each phase as the ``abel-lightning`` arguments that run it (None for Phase 3, which is no Lightning loop)."""
+    cfg = run.config
+    resume = lambda adapter: ["--ckpt_path", str(adapter / LAST)] if (adapter / LAST).exists() else []  # noqa: E731
+
+    ppo = _merge(
+        {"trainer": {"logger": _logger(run, "ppo"), "callbacks": [
+            _callback("abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint", dirpath=str(run.ppo_adapter),
+                      save_every=_save_every(cfg.ppo))]}},
+        _data_override(run, "train"),
+    )
+    rollouts = _merge(
+        {"model": {"init_args": {"adapter": str(run.ppo_adapter)}},
+         "trainer": {"callbacks": [_rollout_callback(cfg.rollouts, run.rollouts)]}},
+        _data_override(run, "train"),
+    )
+    dpo = {
+        "model": {"init_args": {"adapter": str(run.ppo_adapter)}},
+        "data": {"init_args": {"pairs": str(run.pairs), "rollouts": str(run.rollouts)}},
+        "trainer": {"logger": _logger(run, "dpo"), "callbacks": [
+            _callback("abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint", dirpath=str(run.dpo_adapter),
+                      save_every=_save_every(cfg.dpo))]},
+    }
+    evaluation = lambda adapter: _merge(  # noqa: E731
+        {"model": {"init_args": {"adapter": adapter}},
+         "trainer": {"callbacks": [_callback("abel_lightning.callbacks.platinum_eval.PlatinumEval",
+                                             output_dir=str(run.eval_dir))]}},
+        _data_override(run, "test"),
+    )
+    extra = lambda name: list(cfg.extra_args.get(name, []))  # noqa: E731
+    return [
+        ("ppo", ["fit", "--config", cfg.ppo, "--config", run.override("ppo", ppo), *extra("ppo"), *resume(run.ppo_adapter)]),
+        ("rollouts", ["predict", "--config", cfg.rollouts, "--config", run.override("rollouts", rollouts), *extra("rollouts")]),
+        ("preferences", None),
+        ("dpo", ["fit", "--config", cfg.dpo, "--config", run.override("dpo", dpo), *extra("dpo"), *resume(run.dpo_adapter)]),
+        ("eval_base", ["test", "--config", cfg.eval, "--config", run.override("eval_base", evaluation(None)), *extra("eval")]),
+        ("eval_ppo", ["test", "--config", cfg.eval, "--config", run.override("eval_ppo", evaluation(str(run.ppo_adapter))), *extra("eval")]),
+        ("eval_dpo", ["test", "--config", cfg.eval, "--config", run.override("eval_dpo", evaluation(str(run.dpo_adapter))), *extra("eval")]),
+    ]
+
+
+def _phase_config(path: str) -> dict:
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def _save_every(config_path: str) -> int:
+    """Keep the phase config's own checkpoint interval, if it sets one."""
+    for callback in _phase_config(config_path).get("trainer", {}).get("callbacks", []) or []:
+        if callback.get("class_path", "").endswith("AdapterCheckpoint"):
+            return int(callback.get("init_args", {}).get("save_every", 500))
+    return 500
+
+
+def _rollout_callback(config_path: str, output: Path) -> dict:
+    """The rollouts config's collector, with its Regime W settings kept and its output moved into the run."""
+    for callback in _phase_config(config_path).get("trainer", {}).get("callbacks", []) or []:
+        if callback.get("class_path", "").endswith("RegimeWCollector"):
+            return _merge(callback, {"init_args": {"output": str(output)}})
+    return _callback("abel_lightning.callbacks.regime_w.RegimeWCollector", output=str(output))
+
+
+def run_pipeline(config_path: str | Path) -> Path:
+    """Run (or resume) every phase, then write ``report.md``; returns the report's path."""
+    from abel_lightning.cli import lightning_cli
+    from abel_lightning.preferences import write_preferences
+    from abel_lightning.report import write_report
+
+    run = Run(PipelineConfig.load(config_path))
+    run.root.mkdir(parents=True, exist_ok=True)
+    if run.config.toy_data is not None and not (run.toy_dir / "test.jsonl").exists():
+        from abel_lightning.data.toy import write_toy_dataset
+
+        write_toy_dataset(run.toy_dir, **run.config.toy_data)
+    for name, args in phases(run):
+        if name in run.finished():
+            log.info("pipeline: %s is complete, skipping it", name)
+            continue
+        log.info("pipeline: running %s", name)
+        if args is None:
+            write_preferences(run.rollouts, run.pairs, run.config.preference_threshold)
+        else:
+            lightning_cli(args)
+        run.mark_finished(name)
+    return write_report(run)

@@ -1,0 +1,36 @@
+"""Model names the benchmarks accept: a hub id or local folder, or ``mistral-7b-random`` (Mistral-7B's shape with
+random weights, built on the GPU once and saved under /tmp so that every benchmark loads it through the project's
+real loading code, quantization included)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+RANDOM = {"mistral-7b-random": "mistral-7b", "tiny-llama-random": "tiny-llama"}
+
+
+def materialize(name: str, root: str = "/tmp/abel-bench-models") -> str:
+    if name not in RANDOM:
+        return name
+    folder = Path(root) / name
+    if (folder / "config.json").exists():
+        return str(folder)
+    from abel_lightning.models.tiny import _default_tokenizer, random_model
+
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = random_model(RANDOM[name], _default_tokenizer(), seed=0, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    _default_tokenizer().save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    print(f"built {name} in {time.perf_counter() - started:.0f} s at {folder}", flush=True)
+    return str(folder)
+
+
+def gib(n_bytes: int) -> float:
+    return n_bytes / 2**30

@@ -1,0 +1,64 @@
+"""Phase 1 PPO iteration cost on one GPU: seconds for generation, scoring (old/reference log-probs and values) and
+the clipped updates, and peak memory, for a bf16 or a 4-bit (QLoRA) base.
+
+    python bench/ppo_step.py --model mistral-7b-random [--quantization 4bit] --iterations 3
+
+Runs PPOModule through Lightning's Trainer exactly as `abel-lightning fit` does; the first iteration is a warm-up and
+is left out of the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from abel_lightning.data.gsm8k import GSM8KDataModule
+from abel_lightning.data.toy import write_toy_dataset
+from abel_lightning.models.generation import SamplingSettings
+from abel_lightning.modules.ppo import PPOModule
+from bench.models import gib, materialize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mistral-7b-random")
+    parser.add_argument("--quantization", default=None, choices=[None, "4bit", "8bit"])
+    parser.add_argument("--questions", type=int, default=4, help="questions per PPO iteration")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=3)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp())
+    write_toy_dataset(work / "toy", n_train=64, n_test=8)
+    module = PPOModule(
+        model=materialize(args.model),
+        quantization=args.quantization,
+        sampling=SamplingSettings(temperature=0.7, max_new_tokens=args.new_tokens),
+        minibatch_size=args.questions,
+        target_kl=None,
+    )
+    data = GSM8KDataModule(dataset=str(work / "toy"), split="train", batch_size=args.questions)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_train_batches=args.iterations,
+        logger=CSVLogger(work, name="ppo"), log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, data)
+    rows = [r for r in csv.DictReader(next(work.rglob("metrics.csv")).open()) if r.get("reward")][1:]
+    mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+    label = args.quantization or "bf16"
+    print("\n| base | generation s | tokens/s | scoring s | update s (4 epochs) | peak GiB |\n|---|---|---|---|---|---|")
+    print(f"| {label} | {mean('generation_seconds'):.1f} | {mean('generation_tokens_per_s'):,.0f} | "
+          f"{mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
+    print(f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, gradient checkpointing, "
+          f"means over {len(rows)} iterations after a warm-up; {torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()
