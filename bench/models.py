@@ -18,15 +18,11 @@ def materialize(name: str, root: str = "/tmp/abel-bench-models") -> str:
     folder = Path(root) / name
     if (folder / "config.json").exists():
         return str(folder)
-    from abel_lightning.models.tiny import _default_tokenizer, random_model
+    from abel_lightning.models.tiny import build_random_model
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = random_model(RANDOM[name], _default_tokenizer(), seed=0, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    _default_tokenizer().save_pretrained(folder)
-    del model
+    build_random_model(RANDOM[name], folder, seed=0, dtype=torch.bfloat16, device=device)
     torch.cuda.empty_cache()
     print(f"built {name} in {time.perf_counter() - started:.0f} s at {folder}", flush=True)
     return str(folder)

@@ -9,7 +9,6 @@ some held-out problems but far from all (20-50%), so that reinforcement learning
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from abel_lightning.answers import extract_answer, extract_gold, is_correct
 from abel_lightning.data.toy import write_toy_dataset
+from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.tiny import build_tokenizer, random_model, toy_base_path
 from abel_lightning.prompts import format_prompt
@@ -29,24 +29,24 @@ IGNORE_INDEX = -100
 
 README = """# toy-base: a tiny pretrained model for the toy GSM8K task
 
-A {vocab}-token byte-level BPE tokenizer and a {params:.1f}M-parameter Llama (`toy-llama` preset of
-`abel_lightning.models.tiny`: hidden 256, 4 layers, 4 heads, tied embeddings), pretrained from scratch on CPU so that
-the whole pipeline can be seen learning on a laptop. The weights are stored in bfloat16 ({weights_mb:.1f} MB) to keep
-the package small; load them in float32 on CPU.
+A {vocab}-token byte-level BPE tokenizer and a {params:.1f}M-parameter Llama (the `toy-llama` preset of
+`abel_lightning.models.tiny`: hidden 256, 4 layers, 4 heads, tied embeddings), pretrained from scratch on CPU
+so that the whole pipeline can be seen learning on a laptop. The weights are stored in bfloat16 ({weights_mb:.1f} MB)
+to keep the package small; load them in float32 on CPU.
 
 ## How it was made
 
     python scripts/pretrain_toy.py
 
-Problems come from `abel_lightning.data.toy.write_toy_dataset(dir, n_train={n_train}, n_test={n_test}, \
-seed={data_seed})`. The model saw the train split as `<s> prompt solution </s>`, with Abel's prompt and the loss on the
-solution only, for {steps} AdamW steps of {batch_size} (model seed {seed}). Training stops early on purpose: the base
-solves some held-out problems but far from all, so that reinforcement learning has room to improve it.
+Problems: `abel_lightning.data.toy.write_toy_dataset(dir, n_train={n_train}, n_test={n_test}, seed={data_seed})`.
+The model saw the train split as `<s> prompt solution </s>`, with Abel's prompt and the loss on the solution
+only, for {steps} AdamW steps of {batch_size} examples (model seed {seed}). Training stops early on purpose:
+the base solves some held-out problems but far from all, so that reinforcement learning has room to improve it.
 
 ## Measured accuracy
 
-On the {n_test} held-out problems, `test.jsonl` of `write_toy_dataset(dir, seed={data_seed})` (any `n_train` gives the
-same test set), comparing the final number of each generated solution with the gold `#### N`:
+On the {n_test} held-out problems, `test.jsonl` of `write_toy_dataset(dir, seed={data_seed})` (any `n_train`
+gives the same test set), comparing the final number of each generated solution with the gold `#### N`:
 
 | decoding | accuracy |
 | --- | --- |
@@ -57,9 +57,9 @@ Pretraining took {train_minutes:.1f} min and the whole script {minutes:.1f} min 
 
 ## Tokenizer
 
-`<s>` = {bos} (the tokenizer prepends it), `</s>` = {eos}, `<pad>` = {pad}, `<unk>` = {unk}. Digits are one token
-each, and decoding restores the text exactly. Contexts hold up to 512 tokens; a prompt is about 40 tokens and a
-solution about 40 (at most about 75).
+`<s>` = {bos} (the tokenizer prepends it), `</s>` = {eos}, `<pad>` = {pad}, `<unk>` = {unk}. Digits are one
+token each, and decoding restores the text exactly. Contexts hold up to 512 tokens; a prompt is about 40
+tokens and a solution about 40 (at most about 75).
 """
 
 
@@ -160,7 +160,7 @@ def main(
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as data_dir:
         paths = write_toy_dataset(data_dir, n_train=n_train, n_test=n_test, seed=data_seed)
-        train, test = ([json.loads(line) for line in open(paths[split])] for split in ("train", "test"))
+        train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
 
     tokenizer = build_tokenizer((format_prompt(row["question"]) + row["answer"] for row in train), vocab_size)
     model = random_model("toy-llama", tokenizer, seed=seed)
@@ -181,8 +181,8 @@ def main(
     }
     minutes = (time.time() - start) / 60
     print(
-        f"held-out accuracy on {n_test} problems: greedy {results['greedy']:.1%}, sampled (T=1) {results['sampled']:.1%}"
-        f"; pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
+        f"held-out accuracy on {n_test} problems: greedy {results['greedy']:.1%}, "
+        f"sampled (T=1) {results['sampled']:.1%}; pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
     )
     (out_dir / "README.md").write_text(
         README.format(

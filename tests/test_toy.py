@@ -1,11 +1,10 @@
-import json
 import re
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abel_lightning.data.toy import make_problems, write_toy_dataset
+from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.tiny import build_random_model, build_tokenizer, toy_base_path
 
 ANNOTATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)")
@@ -33,7 +32,7 @@ def test_answers_follow_their_annotations():
 
 def test_write_toy_dataset_splits_are_disjoint_and_test_is_fixed(tmp_path):
     paths = write_toy_dataset(tmp_path / "a", n_train=300, n_test=50, seed=0)
-    rows = {split: [json.loads(line) for line in open(path)] for split, path in paths.items()}
+    rows = {split: read_jsonl(path) for split, path in paths.items()}
     assert [len(rows["train"]), len(rows["test"])] == [300, 50]
     assert set(rows["train"][0]) == {"question", "answer"}
     assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["test"]}
@@ -63,7 +62,6 @@ def test_random_tiny_llama_loads_and_generates(tmp_path):
     assert output.shape == (2, batch["input_ids"].shape[1] + 4)
 
 
-@pytest.mark.skipif(not (toy_base_path() / "config.json").exists(), reason="toy base not built yet")
 def test_shipped_toy_base_loads():
     tokenizer = AutoTokenizer.from_pretrained(toy_base_path())
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"

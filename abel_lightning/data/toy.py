@@ -11,10 +11,11 @@ Every intermediate and final result is a non-negative integer below 200.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Callable
+
+from abel_lightning.jsonl import write_jsonl_atomic
 
 NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Emma"]
 THINGS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "cards", "shells"]
@@ -139,12 +140,8 @@ def write_toy_dataset(out_dir: str | Path, n_train: int = 2000, n_test: int = 20
 
     The test split is drawn first, so it depends only on ``n_test`` and ``seed``, whatever ``n_train`` is.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     problems = make_problems(n_test + n_train, seed)
-    paths = {}
-    for split, rows in (("test", problems[:n_test]), ("train", problems[n_test:])):
-        paths[split] = out_dir / f"{split}.jsonl"
-        with open(paths[split], "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    paths = {"train": Path(out_dir) / "train.jsonl", "test": Path(out_dir) / "test.jsonl"}
+    write_jsonl_atomic(paths["test"], problems[:n_test])
+    write_jsonl_atomic(paths["train"], problems[n_test:])
     return paths

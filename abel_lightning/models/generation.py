@@ -93,6 +93,7 @@ def _generate_chunk(model, tokenizer, prompts, settings, num_samples, synced_gpu
         stop_strings=settings.stop_strings or None,
         tokenizer=tokenizer if settings.stop_strings else None,
         synced_gpus=synced_gpus,
+        use_cache=True,
         **sampling,
     )
     prompt_width = encoded["input_ids"].shape[1]

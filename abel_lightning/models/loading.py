@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+# PEFT's name for the adapter a PeftModel is created or loaded with: the one that trains and is saved.
+TRAINED_ADAPTER = "default"
 Quantization = Literal["4bit", "8bit"]
 
 # Mistral/Llama names: every attention and MLP projection, as QLoRA recommends.
@@ -31,14 +33,15 @@ class LoraSettings:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
 
     def to_peft(self) -> LoraConfig:
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
+            # No dropout: PPO's ratio and DPO's reward compare the policy with itself or a reference at equal
+            # weights, and dropout noise would make them differ (TRL disables it for the same reason).
+            lora_dropout=0.0,
             target_modules=list(self.target_modules),
             task_type="CAUSAL_LM",
         )
@@ -124,8 +127,8 @@ def attach_lora(
     ignored: the adapter folder carries its own config)."""
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights while the embeddings stay frozen.
+        # Only active in train mode: sampling (eval mode) keeps its KV cache.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").exists() and Path(adapter).exists():
             raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
@@ -145,6 +148,7 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: s
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    # Only the trained adapter: a module may hold others (DPO's frozen reference copy) that are not its output.
+    model.save_pretrained(folder, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

@@ -22,6 +22,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from abel_lightning.data.toy import make_problems
+from abel_lightning.prompts import format_prompt
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 
@@ -99,22 +102,25 @@ def toy_base_path() -> Path:
 def _default_tokenizer() -> PreTrainedTokenizerFast:
     if (toy_base_path() / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(toy_base_path())
-    from abel_lightning.data.toy import make_problems
-
-    return build_tokenizer(p["question"] + "\n" + p["answer"] for p in make_problems(2000, seed=0))
+    return build_tokenizer(format_prompt(p["question"]) + p["answer"] for p in make_problems(2000, seed=0))
 
 
 def random_model(
-    preset: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, dtype: torch.dtype = torch.float32
+    preset: str,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A ``preset`` model with seeded random weights and ``tokenizer``'s special-token ids."""
+    """A ``preset`` model with seeded random weights and ``tokenizer``'s special-token ids, built on ``device``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[preset](len(tokenizer))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def build_random_model(
@@ -123,14 +129,16 @@ def build_random_model(
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Save a randomly initialised ``preset`` model and its tokenizer to ``out_dir`` and return it.
 
     The folder loads offline with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
-    ``tokenizer`` defaults to the shipped toy tokenizer.
+    ``tokenizer`` defaults to the shipped toy tokenizer. Initialise ``mistral-7b`` with ``device="cuda"``: on CPU
+    it takes minutes.
     """
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
     out_dir = Path(out_dir)
-    random_model(preset, tokenizer, seed, dtype).save_pretrained(out_dir)
+    random_model(preset, tokenizer, seed, dtype, device).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -29,15 +29,14 @@ from torch import Tensor
 
 from abel_lightning.data.preferences import EncodedPair, PreferenceBatch, PreferenceDataModule, collate_pairs
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOOutput, dpo_loss
-from abel_lightning.models.loading import LoraSettings, Quantization
+from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
-from abel_lightning.modules.trainable import POLICY_PREFIX, LoRATrainingModule
+from abel_lightning.modules.trainable import LoRATrainingModule
 
 log = logging.getLogger(__name__)
 
 REFERENCES = ("cached", "adapter")
 # PEFT's names: the adapter being trained, and the frozen copy of it that ``reference: adapter`` loads beside it.
-TRAINED_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
 
 
@@ -93,13 +92,7 @@ class DPOModule(LoRATrainingModule):
         super().configure_model()
         if self.hparams.reference == "adapter" and self.hparams.adapter is not None:
             self.policy.load_adapter(self.hparams.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        # No dropout, as in TRL's DPO: with it the policy would differ from the reference at equal weights.
-        for module in self.policy.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        # PEFT loads adapters in eval mode and Lightning keeps each module's mode; Hugging Face models checkpoint
-        # activations only in train mode.
-        self.policy.train()
+            self.prepare_policy_for_training()
 
     # -- the algorithm ------------------------------------------------------------------------------------------
 
@@ -261,17 +254,6 @@ class DPOModule(LoRATrainingModule):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (hp.warmup_steps + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
-
-    def export_adapter(self, folder: str | Path, state_dict: dict) -> Path:
-        """Write the trained adapter as a PEFT folder that loads on the plain base model. Only the trained one: PEFT
-        would also write the frozen reference copy of ``reference: adapter`` (into ``<folder>/reference``)."""
-        folder = Path(folder)
-        policy_state = {k[len(POLICY_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
-        self.policy.save_pretrained(
-            folder, state_dict=policy_state, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True
-        )
-        self.tokenizer.save_pretrained(folder)
-        return folder
 
 
 def _hash_files(paths: list[Path]) -> str:

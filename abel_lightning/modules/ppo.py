@@ -69,7 +69,7 @@ class PPOModule(LoRATrainingModule):
         Args:
             model: base model: hub id, local folder, or ``builtin:toy``.
             adapter: a PEFT adapter folder to start from; None starts a fresh LoRA from ``lora``.
-            lora: LoRA settings (r, alpha, dropout, target modules) of a fresh adapter.
+            lora: LoRA settings (r, alpha, target modules) of a fresh adapter.
             dtype: dtype of the base weights (bfloat16 on GPUs, float32 on CPUs).
             quantization: ``4bit`` (QLoRA, NF4) or ``8bit`` base via bitsandbytes; None keeps ``dtype``.
             gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).

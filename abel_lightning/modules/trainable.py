@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
 
@@ -42,6 +43,17 @@ class LoRATrainingModule(L.LightningModule):
         hp = self.hparams
         base = load_base(hp.model, hp.dtype, hp.quantization, device=self.trainer.strategy.root_device)
         self.policy = attach_lora(base, self.lora_settings, hp.adapter, trainable=True, gradient_checkpointing=hp.gradient_checkpointing)
+        self.prepare_policy_for_training()
+
+    def prepare_policy_for_training(self) -> None:
+        """No dropout and train mode; call again after loading another adapter into the policy."""
+        # An adapter trained elsewhere may carry dropout; see LoraSettings for why training runs without it.
+        for module in self.policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        # PEFT loads adapters in eval mode and Lightning keeps each module's mode; Hugging Face models checkpoint
+        # activations only in train mode.
+        self.policy.train()
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

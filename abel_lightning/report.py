@@ -1,0 +1,62 @@
+"""The run report of a pipeline: ``report.md`` with the accuracy table, plus PNG plots of the training curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from abel_lightning.compare import compare  # noqa: E402
+
+PPO_CURVES = {"reward": "mean reward", "kl": "KL to reference (nats / sequence)"}
+DPO_CURVES = {"train/loss": "DPO loss", "train/reward_accuracy": "reward accuracy"}
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    """Rows of every ``metrics.csv`` a CSVLogger wrote under ``folder`` (resumed runs add versions)."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(folder.rglob("metrics.csv")):
+        with path.open() as file:
+            rows += list(csv.DictReader(file))
+    return rows
+
+
+def plot_curves(rows: list[dict[str, str]], curves: dict[str, str], title: str, png: Path) -> Path | None:
+    present = {key: label for key, label in curves.items() if any(row.get(key) for row in rows)}
+    if not present:
+        return None
+    figure, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
+    for axis, (key, label) in zip(axes[0], present.items()):
+        points = [(int(row["step"]), float(row[key])) for row in rows if row.get(key)]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_xlabel("step")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+    return png
+
+
+def write_report(run) -> Path:
+    """Write ``<run_dir>/report.md`` (and its PNGs) for a finished ``pipeline.Run``; print the accuracy table."""
+    root = run.root
+    evals = [run.eval_dir / f"{name}_platinum_eval.jsonl" for name in ("base", run.ppo_adapter.name, run.dpo_adapter.name)]
+    results = compare([str(p) for p in evals if p.exists()], str(root / "accuracy.png"))
+    lines = ["# abel-lightning run report", "", "## Accuracy (greedy decoding, held-out questions)", "",
+             "| model | accuracy | 95% interval | n |", "|---|---|---|---|"]
+    for row in results:
+        lines.append(f"| {row['model']} | {row['accuracy']:.1%} | {row['ci_low']:.1%} – {row['ci_high']:.1%} | {row['n']} |")
+    lines += ["", "![accuracy](accuracy.png)", ""]
+    for name, curves, title in (("ppo", PPO_CURVES, "PPO"), ("dpo", DPO_CURVES, "DPO")):
+        png = plot_curves(read_metrics(run.logs / name), curves, title, root / f"{name}_curves.png")
+        if png is not None:
+            lines += [f"## {title} training", "", f"![{name}]({png.name})", ""]
+    report = root / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,83 @@
+"""Phase 4 DPO step cost on one GPU: tokens/s and peak memory for a bf16 or a 4-bit (QLoRA) base, at the seed's
+per-device batch (2 pairs, chosen and rejected in one concatenated forward pass).
+
+    python bench/dpo_step.py --model mistral-7b-random [--quantization 4bit] --steps 6
+
+Runs DPOModule through Lightning's Trainer as `abel-lightning fit --config configs/dpo.yaml` does, with synthetic
+pairs of ``--prompt-tokens`` + ``--response-tokens``. The reference log-probs are cached in a pass before training
+(timed separately); the first two steps are warm-up and left out of the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from abel_lightning.data.preferences import PreferenceDataModule
+from abel_lightning.data.toy import make_problems
+from abel_lightning.jsonl import write_jsonl_atomic
+from abel_lightning.models.loading import load_tokenizer
+from abel_lightning.prompts import format_prompt
+from bench.models import gib, materialize
+
+
+def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]:
+    problems = make_problems(n * 4, seed=2)
+    text = " ".join(p["answer"] for p in problems)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = lambda start, length: tokenizer.decode(ids[start : start + length])  # noqa: E731
+    return [
+        {"question_id": f"bench/{i}", "prompt": format_prompt(cut(i * 11, prompt_tokens)),
+         "chosen": cut(i * 13, response_tokens), "rejected": cut(i * 17 + 5, response_tokens),
+         "kind": "correctness", "reward_gap": 1.0}
+        for i in range(n)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mistral-7b-random")
+    parser.add_argument("--quantization", default=None, choices=[None, "4bit", "8bit"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=160)
+    parser.add_argument("--response-tokens", type=int, default=256)
+    args = parser.parse_args()
+
+    from abel_lightning.modules.dpo import DPOModule
+
+    work = Path(tempfile.mkdtemp())
+    path = materialize(args.model)
+    pairs = work / "pairs.jsonl"
+    n = args.steps * args.batch_size
+    write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens))
+    module = DPOModule(model=path, adapter=None, quantization=args.quantization)
+    data = PreferenceDataModule(pairs=str(pairs), rollouts=None, batch_size=args.batch_size, val_fraction=0.0)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
+        logger=CSVLogger(work, name="dpo"), log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.fit(module, data)
+    total = time.perf_counter() - started
+    rows = [r for r in csv.DictReader(next(work.rglob("metrics.csv")).open()) if r.get("train/tokens_per_s")][2:]
+    tokens_per_s = sum(float(r["train/tokens_per_s"]) for r in rows) / len(rows)
+    tokens_per_step = 2 * args.batch_size * (args.prompt_tokens + args.response_tokens)
+    label = args.quantization or "bf16"
+    print("\n| base | tokens/s | s/step | peak GiB |\n|---|---|---|---|")
+    print(f"| {label} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
+    print(f"{args.batch_size} pairs/step, about {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
+          f"gradient checkpointing; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "
+          f"{torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()
