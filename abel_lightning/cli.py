@@ -59,18 +59,31 @@ def compare(paths: list[str], out: str = "outputs/compare.png") -> None:
     run_compare(paths, out)
 
 
-def pipeline(config: str = "configs/pipeline.yaml") -> None:
+def pipeline(args: list[str]) -> None:
     """Run the five phases in order from one config, skipping the phases whose outputs are complete.
 
-    Args:
-        config: the pipeline config (each phase's config referenced or embedded).
+    ``abel-lightning pipeline --config configs/pipeline.yaml``; with no arguments, the embedded toy testbed.
     """
-    from abel_lightning.pipeline import run_pipeline
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    run_pipeline(config)
+    from abel_lightning.pipeline import PipelineConfig, run_pipeline
+
+    parser = ArgumentParser(prog="abel-lightning pipeline", description=pipeline.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/pipeline.yaml)")
+    parser.add_class_arguments(PipelineConfig)
+    config = PipelineConfig(**{k: v for k, v in parser.parse_args(args).as_dict().items() if k != "config"})
+    report = run_pipeline(config)
+    print(f"report: {report}")
 
 
-EXTRA_COMMANDS: dict[str, Callable[..., None]] = {"preferences": preferences, "compare": compare, "pipeline": pipeline}
+# Commands that are no Lightning loop: each takes its argument list.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "preferences": lambda args: CLI(preferences, args=args),
+    "compare": lambda args: CLI(compare, args=args),
+    "pipeline": pipeline,
+}
+SUMMARIES = {name: fn.__doc__.strip().splitlines()[0] for name, fn in
+             (("preferences", preferences), ("compare", compare), ("pipeline", pipeline))}
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -88,8 +101,8 @@ def _print_help() -> None:
     print("usage: abel-lightning COMMAND [--config FILE.yaml] [options]\n\ncommands:")
     for name, summary in TRAINER_COMMANDS.items():
         print(f"  {name:<12} {summary}")
-    for name, fn in EXTRA_COMMANDS.items():
-        print(f"  {name:<12} {fn.__doc__.strip().splitlines()[0]}")
+    for name, summary in SUMMARIES.items():
+        print(f"  {name:<12} {summary}")
     print("\n`abel-lightning COMMAND --help` lists a command's options.")
 
 
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         _print_help()
         return
     if argv[0] in EXTRA_COMMANDS:
-        CLI(EXTRA_COMMANDS[argv[0]], args=argv[1:])
+        EXTRA_COMMANDS[argv[0]](argv[1:])
         return
     lightning_cli(None if from_shell else argv)
 

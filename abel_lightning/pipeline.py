@@ -24,25 +24,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineConfig:
-    """What ``configs/pipeline.yaml`` holds."""
+    """What ``configs/pipeline.yaml`` holds. The defaults are the embedded toy testbed (``configs/tiny/``)."""
 
-    run_dir: str = "runs/abel"
-    ppo: str = "configs/ppo.yaml"
-    rollouts: str = "configs/rollouts.yaml"
-    dpo: str = "configs/dpo.yaml"
-    eval: str = "configs/eval.yaml"
+    run_dir: str = "runs/tiny"
+    ppo: str = "configs/tiny/ppo.yaml"
+    rollouts: str = "configs/tiny/rollouts.yaml"
+    dpo: str = "configs/tiny/dpo.yaml"
+    eval: str = "configs/tiny/eval.yaml"
     preference_threshold: float = 0.01
-    # Set for the toy testbed: the generated toy dataset (GSM8K format) replaces the configs' datasets.
-    toy_data: dict | None = None
+    # Set for the toy testbed: a generated toy dataset (GSM8K format) replaces the phase configs' datasets.
+    toy_data: dict | None = field(default_factory=lambda: {"n_train": 2000, "n_test": 200, "seed": 0})
+    # Extra `abel-lightning` arguments per phase (ppo, rollouts, dpo, eval), e.g. a strategy file.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | Path) -> PipelineConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown pipeline keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**raw)
 
 
 class Run:
@@ -160,13 +153,13 @@ def _rollout_callback(config_path: str, output: Path) -> dict:
     return _callback("abel_lightning.callbacks.regime_w.RegimeWCollector", output=str(output))
 
 
-def run_pipeline(config_path: str | Path) -> Path:
+def run_pipeline(config: PipelineConfig) -> Path:
     """Run (or resume) every phase, then write ``report.md``; returns the report's path."""
     from abel_lightning.cli import lightning_cli
     from abel_lightning.preferences import write_preferences
     from abel_lightning.report import write_report
 
-    run = Run(PipelineConfig.load(config_path))
+    run = Run(config)
     run.root.mkdir(parents=True, exist_ok=True)
     if run.config.toy_data is not None and not (run.toy_dir / "test.jsonl").exists():
         from abel_lightning.data.toy import write_toy_dataset

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from abel_lightning.data.preferences import PreferenceDataModule, collate_pairs, encode_response, held_out_questions
 from abel_lightning.jsonl import read_jsonl
-from abel_lightning.models.loading import LoraSettings, attach_lora, load_base, load_tokenizer, save_adapter
+from abel_lightning.models.loading import ALL_PROJECTIONS, load_base, load_tokenizer, save_adapter
 from abel_lightning.models.sequences import sequence_logprobs
 from abel_lightning.modules.dpo import DPOModule
 
@@ -49,7 +49,8 @@ def write_pairs(path: Path, n: int = N_PAIRS) -> Path:
 def make_adapter(model: str, folder: Path) -> Path:
     """A LoRA adapter with random (non-zero) B weights, so that the policy differs from the base, and dropout, which
     the module must switch off."""
-    policy = attach_lora(load_base(model, "float32"), LoraSettings(r=4, alpha=8, dropout=0.1))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM")
+    policy = get_peft_model(load_base(model, "float32"), config)
     generator = torch.Generator().manual_seed(1)
     for name, parameter in policy.named_parameters():
         if "lora_B" in name:
