@@ -13,6 +13,7 @@ Going from one GPU to eight is a config change: add ``--config configs/strategy/
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -47,16 +48,17 @@ def preferences(
           f"from {counts.questions} questions")
 
 
-def compare(paths: list[str], out: str = "outputs/compare.png") -> None:
-    """Compare evaluation files (base vs PPO vs DPO): accuracy, 95% bootstrap interval, paired McNemar tests.
-
-    Args:
-        paths: ``<name>_platinum_eval.jsonl`` files written by ``abel-lightning test``.
-        out: the PNG plot to write.
-    """
+def compare(args: list[str]) -> None:
+    """Compare evaluation files (base vs PPO vs DPO): accuracy, 95% bootstrap interval, paired McNemar tests."""
     from abel_lightning.compare import compare as run_compare
 
-    run_compare(paths, out)
+    # argparse, not jsonargparse: the shell's glob (outputs/*.jsonl) arrives as separate positional paths.
+    parser = argparse.ArgumentParser(prog="abel-lightning compare", description=compare.__doc__)
+    parser.add_argument("paths", nargs="+", help="<name>_platinum_eval.jsonl files written by `abel-lightning test`")
+    parser.add_argument("--out", default="outputs/compare.png", help="the PNG plot to write")
+    parser.add_argument("--n_bootstrap", type=int, default=10000, help="bootstrap resamples of each accuracy")
+    parsed = parser.parse_args(args)
+    run_compare(parsed.paths, parsed.out, parsed.n_bootstrap)
 
 
 def pipeline(args: list[str]) -> None:
@@ -79,7 +81,7 @@ def pipeline(args: list[str]) -> None:
 # Commands that are no Lightning loop: each takes its argument list.
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "preferences": lambda args: CLI(preferences, args=args),
-    "compare": lambda args: CLI(compare, args=args),
+    "compare": compare,
     "pipeline": pipeline,
 }
 SUMMARIES = {name: fn.__doc__.strip().splitlines()[0] for name, fn in
