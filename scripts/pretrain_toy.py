@@ -10,8 +10,6 @@ some held-out problems but far from all (20-50%), so that reinforcement learning
 from __future__ import annotations
 
 import math
-import random
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +42,6 @@ Problems: `abel_lightning.data.toy.write_toy_dataset(dir, n_train={n_train}, n_t
 The model saw the train split as `<s> prompt solution </s>`, with Abel's prompt and the loss on the solution
 only, for {steps} AdamW steps of {batch_size} examples (model seed {seed}). Training stops early on purpose:
 the base solves some held-out problems but far from all, so that reinforcement learning has room to improve it.
-In {careless_fraction:.0%} of the multi-step training solutions the final `#### N` line states the first step's
-result instead of the last one (`careless_fraction`): the base learns the habit of a right working with a wrong final
-answer, the kind of error that reinforcement learning on the final answer fixes.
 
 ## Measured accuracy
 
@@ -66,25 +61,6 @@ Pretraining took {train_minutes:.1f} min and the whole script {minutes:.1f} min 
 token each, and decoding restores the text exactly. Contexts hold up to 512 tokens; a prompt is about 40
 tokens and a solution about 40 (at most about 75).
 """
-
-
-def careless(rows: list[dict], fraction: float, seed: int) -> list[dict]:
-    """Copies of ``rows`` where, in ``fraction`` of the multi-step solutions, the final line states the first step's
-    result instead of the last one.
-
-    Why: the base should fail the way real math models often do, with right working and a wrong final answer line, an
-    error that reinforcement learning on the final answer can find and fix within minutes on a CPU. Arithmetic that
-    the base never learned, the other source of its errors, RL barely moves in that budget.
-    """
-    rng = random.Random(seed)
-    out = []
-    for row in rows:
-        results = re.findall(r"<<[^=>]*=(-?\d+)>>", row["answer"])
-        if len(results) >= 2 and results[0] != results[-1] and rng.random() < fraction:
-            body = row["answer"].rsplit("####", 1)[0]
-            row = {**row, "answer": f"{body}#### {results[0]}"}
-        out.append(row)
-    return out
 
 
 def encode(rows: list[dict], tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], list[int]]]:
@@ -174,7 +150,6 @@ def main(
     warmup_steps: int = 50,
     vocab_size: int = 512,
     threads: int = 2,
-    careless_fraction: float = 0.5,
 ) -> dict[str, float]:
     """Rebuild the toy base into ``out_dir`` and report its held-out accuracy, greedy and sampled at temperature 1.
 
@@ -190,8 +165,7 @@ def main(
     tokenizer = build_tokenizer((format_prompt(row["question"]) + row["answer"] for row in train), vocab_size)
     model = random_model("toy-llama", tokenizer, seed=seed)
     print(f"toy-llama: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    examples = encode(careless(train, careless_fraction, seed), tokenizer)
-    pretrain(model, examples, tokenizer.pad_token_id, steps, batch_size, lr, warmup_steps, seed)
+    pretrain(model, encode(train, tokenizer), tokenizer.pad_token_id, steps, batch_size, lr, warmup_steps, seed)
     train_minutes = (time.time() - start) / 60
 
     # Ship bfloat16 weights (half the size) and measure the model as shipped, reloaded from disk.
@@ -220,7 +194,6 @@ def main(
             steps=steps,
             batch_size=batch_size,
             threads=threads,
-            careless_fraction=careless_fraction,
             train_minutes=train_minutes,
             minutes=minutes,
             vocab=len(tokenizer),

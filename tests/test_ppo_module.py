@@ -92,13 +92,23 @@ def test_tiny_target_kl_stops_after_the_first_minibatch(tiny_model, shared_data,
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_over_a_few_dozen_steps(tiny_model, shared_data, tmp_path):
-    assert "test_digits" in REWARDS
-    torch.manual_seed(0)
-    main(ppo_args(tiny_model, shared_data, tmp_path, "--model.init_args.reward", "test_digits",
-                  "--model.init_args.learning_rate", "0.02", "--model.init_args.target_kl", "null",
-                  "--data.init_args.n_samples", "96", "--data.init_args.batch_size", "4", "--trainer.max_epochs", "1"))
+def test_mean_reward_rises_over_a_few_dozen_steps(shared_data, tmp_path):
+    """The packaged toy base on 8 fixed toy questions, seen again every iteration: the correctness reward of its
+    samples (about 0.35 at the start) is easy to raise by learning those 8 answers."""
+    from abel_lightning.data.toy import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", n_train=8, n_test=1, seed=3)
+    main([
+        "fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"),
+        "--data.init_args.dataset", str(tmp_path / "toy"), "--data.init_args.n_samples", "null",
+        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "20",
+        "--model.init_args.samples_per_question", "8", "--model.init_args.minibatch_size", "32",
+        "--model.init_args.learning_rate", "1e-3",
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ])
     rewards = [float(r["reward"]) for r in metrics(tmp_path)]
-    assert len(rewards) == 24
-    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
-    assert last > first + 0.2, (first, last, rewards)
+    assert len(rewards) == 20
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.15, (first, last, rewards)
