@@ -127,7 +127,7 @@ def compare(paths: list[str], out_png: str | None = None, n_bootstrap: int = 100
 
 def _print_tables(rows: list[dict]) -> None:
     console = Console()
-    models = Table(title="GSM8K Platinum accuracy (95% bootstrap interval)")
+    models = Table(title="accuracy (95% bootstrap interval)")
     for column in ("model", "questions", "correct", "accuracy", "95% interval"):
         models.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
@@ -165,7 +165,7 @@ def plot(rows: list[dict], out_png: str | Path) -> Path:
     axes.bar_label(bars, labels=[f"{a:.3f}" for a in accuracy], label_type="center", color="white")
     axes.set_ylim(0, 1)
     axes.set_ylabel("accuracy")
-    axes.set_title("GSM8K Platinum (95% bootstrap intervals)")
+    axes.set_title("accuracy on the evaluated questions (95% bootstrap intervals)")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
