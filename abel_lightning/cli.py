@@ -19,7 +19,7 @@ import sys
 from typing import Callable
 
 from jsonargparse import CLI
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 TRAINER_COMMANDS = {
     "fit": "train a policy: PPO (configs/ppo.yaml) or DPO (configs/dpo.yaml)",
@@ -88,10 +88,20 @@ SUMMARIES = {name: fn.__doc__.strip().splitlines()[0] for name, fn in
              (("preferences", preferences), ("compare", compare), ("pipeline", pipeline))}
 
 
+class SaveConfigBesideLogs(SaveConfigCallback):
+    """Writes the run's full config into the logger's folder; a run without a logger (rollouts, evaluation) writes
+    none, instead of dropping a config.yaml into the working directory."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
