@@ -2,10 +2,10 @@
 a DDP run (Lightning relaunches this file once per rank, which ``python -c`` cannot be) and a run that is SIGKILLed.
 
     python tests/policy_phase_script.py --model M --data D --rollouts R --eval-dirs E1,E2
-        [--any-shard-eval-dirs E3] [--devices 2] [--phases predict,test]
+        [--devices 2] [--phases predict,test]
 
 ``--pause-after-first-batch S`` sleeps S seconds once the first predict batch is written, so a test can kill the run at
-a known point. The test phase evaluates into each of ``--eval-dirs`` and ``--any-shard-eval-dirs`` in turn, one Trainer each in one process group; rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
+a known point. The test phase evaluates into each of ``--eval-dirs`` in turn, one Trainer each in one process group; rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=6)
     parser.add_argument("--rollouts", default=None)
     parser.add_argument("--eval-dirs", default="")
-    parser.add_argument("--any-shard-eval-dirs", default="")
     parser.add_argument("--phases", default="predict")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--pause-after-first-batch", type=float, default=0.0)
@@ -106,8 +105,7 @@ def main() -> None:
                 callbacks.append(PauseAfterFirstBatch(args.pause_after_first_batch))
             trainer(callbacks, args.devices, strategy).predict(module, datamodule=datamodule, return_predictions=False)
         elif phase == "test":
-            folders = [f for f in (args.eval_dirs + "," + args.any_shard_eval_dirs).split(",") if f]
-            for folder in folders:
+            for folder in [f for f in args.eval_dirs.split(",") if f]:
                 parts = eval_parts(args.model, args.data, args.n_samples, folder)
                 module, datamodule, evaluation = parts
                 run = trainer([evaluation], args.devices, strategy)

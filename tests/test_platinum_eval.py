@@ -107,7 +107,7 @@ def test_two_ddp_ranks_write_and_score_what_one_process_does(tiny_model, shared_
     command = [
         sys.executable, str(SCRIPT), "--model", tiny_model, "--data", data, "--n-samples", str(N), "--devices", "2",
         "--phases", "predict,test", "--rollouts", str(two / "rollouts.jsonl"),
-        "--eval-dirs", str(two), "--any-shard-eval-dirs", str(resumed),
+        "--eval-dirs", f"{two},{resumed}",
     ]
     ddp = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
