@@ -151,7 +151,6 @@ class PPOModule(LoRATrainingModule):
         self.kl_controller.update(float(kl), n_steps=len(scores) * self.trainer.world_size)
         self.log_dict(
             {
-                "reward": scores.mean(),
                 "accuracy": (scores > 0.5).float().mean(),
                 "kl": kl,
                 "kl_coef": self.kl_controller.value,
@@ -166,7 +165,7 @@ class PPOModule(LoRATrainingModule):
             sync_dist=True,
             batch_size=len(scores),
         )
-        self.log("reward_mean", scores.mean(), prog_bar=True, sync_dist=True, batch_size=len(scores))
+        self.log("reward", scores.mean(), prog_bar=True, sync_dist=True, batch_size=len(scores))
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], golds: list[str]) -> tuple[SequenceBatch, torch.Tensor, dict]:
