@@ -1,10 +1,14 @@
-"""Phase 2 rollout throughput: the project's sampling path (LoRA merged into the weights, chunked ``generate``)
-against plain ``model.generate`` on the PEFT model with the adapter unmerged, in the same process, both warmed up.
+"""Phase 2 rollout throughput: plain ``model.generate`` on the PEFT model with the adapter unmerged (the baseline),
+then the project's ``generate`` on the merged model with each decoder: Hugging Face's ``model.generate``, the static
+decode engine replaying CUDA graphs, and the same engine run eagerly. All in one process, each warmed up by one
+untimed call (the first call of a process runs 3-4x slower; the engine captures its graphs in it).
 
     python bench/rollout.py --model mistral-7b-random --questions 64 --samples 8 --new-tokens 256
 
-Prints questions/s and tokens/s of each and the ratio. Random weights never emit EOS, so every row decodes the full
-``--new-tokens``.
+Prints questions/s and tokens/s of each path, the ratio to the baseline, and the share of the bandwidth limit: a
+decode step must read every weight and the KV cache of every row, so tokens/s <= rows x copy bandwidth / (weight
+bytes + KV bytes at the mean context), with the bandwidth that of a device-to-device copy measured in the same run.
+Random weights never emit EOS, and ``min_new_tokens`` keeps EOS out anyway, so every row decodes ``--new-tokens``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from peft import get_peft_model
 
 from abel_lightning.data.toy import make_problems
+from abel_lightning.models.decode_engine import decode_engine
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
 from bench.models import gib, materialize
@@ -36,6 +41,20 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 20) -> float:
+    """Bytes per second a device-to-device copy of ``n_bytes`` moves, counting the read and the write."""
+    source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        target.copy_(source)
+    end.record()
+    end.synchronize()
+    return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mistral-7b-random")
@@ -49,8 +68,9 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     model = get_peft_model(load_base(path, "bfloat16").cuda(), LoraSettings().to_peft()).eval()
     prompts = prompts_of(tokenizer, args.questions, args.prompt_tokens)
-    settings = SamplingSettings(temperature=0.7, top_p=0.95, max_new_tokens=args.new_tokens)
+    settings = {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
     rows = args.questions * args.samples
+    tokens = rows * args.new_tokens
 
     def plain():
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
@@ -59,23 +79,44 @@ def main() -> None:
                            min_new_tokens=args.new_tokens, num_return_sequences=args.samples,
                            pad_token_id=tokenizer.pad_token_id)
 
-    produced = []
+    def ours(**decoder):
+        def run():
+            groups = generate(merged, tokenizer, prompts, SamplingSettings(**settings, **decoder), args.samples)
+            assert sum(len(c.response_ids) for group in groups for c in group) == tokens, "a row ended early"
+        return run
 
-    def ours():
-        groups = generate(merged, tokenizer, prompts, settings, args.samples)
-        produced.append(sum(len(c.response_ids) for group in groups for c in group))
+    warmup, seconds = {}, {}
 
-    timed(plain)  # warm-up: the first generate of a process runs 3-4x slower
-    plain_s = timed(plain)
+    def measure(name, run):
+        warmup[name] = timed(run)
+        seconds[name] = timed(run)
+
+    measure("plain `model.generate`, PEFT adapter unmerged (baseline)", plain)
     merged = model.merge_and_unload()
-    timed(ours)
-    ours_s = timed(ours)
-    tokens = rows * args.new_tokens
-    print("\n| path | questions/s | tokens/s | ratio |\n|---|---|---|---|")
-    print(f"| plain generate, PEFT adapter unmerged (baseline) | {args.questions / plain_s:.2f} | {tokens / plain_s:,.0f} | 1.00 |")
-    print(f"| abel-lightning rollouts (merged LoRA) | {args.questions / ours_s:.2f} | {produced[-1] / ours_s:,.0f} "
-          f"| {(produced[-1] / ours_s) / (tokens / plain_s):.2f} |")
-    print(f"\n{rows} rows x {args.new_tokens} new tokens, prompt {args.prompt_tokens} tokens; "
+    measure("abel-lightning `generate`, merged LoRA, engine hf (`model.generate`)", ours(engine="hf"))
+    measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs", ours(engine="static"))
+    measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
+    capture_s = decode_engine(merged).capture_seconds
+
+    bandwidth = copy_bandwidth()
+    config = merged.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    mean_context = sum(prompt_lengths) / len(prompt_lengths) + args.new_tokens / 2
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * rows * mean_context
+    limit = rows * bandwidth / (weight_bytes + kv_bytes)
+
+    baseline = tokens / next(iter(seconds.values()))
+    print("\n| path | questions/s | tokens/s | ratio | % of bandwidth limit | warm-up call s |")
+    print("|---|---|---|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {args.questions / s:.2f} | {tokens / s:,.0f} | {tokens / s / baseline:.2f} "
+              f"| {100 * tokens / s / limit:.0f}% | {warmup[name]:.1f} |")
+    print(f"\n{rows} rows x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; bandwidth limit "
+          f"{limit:,.0f} tokens/s = {rows} rows x {bandwidth / 1e12:.2f} TB/s (device-to-device copy of 1 GiB, read + "
+          f"write) / ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV cache at a mean context of "
+          f"{mean_context:.0f} tokens) per step; graph capture {capture_s:.1f} s (in the warm-up call, not timed); "
           f"peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; {torch.cuda.get_device_name()}")
 
 

@@ -3,13 +3,18 @@
     python scripts/pretrain_toy.py
 
 Generates toy GSM8K problems, trains a byte-level BPE tokenizer on them, and pretrains the ``toy-llama`` preset on
-``prompt + solution + eos`` with the loss on the solution only. Training stops early on purpose: the base should solve
-some held-out problems but far from all (20-50%), so that reinforcement learning has room to improve it.
+``prompt + solution + eos`` with the loss on the solution only. In a share of the examples (``blurt_rate``) the
+solution is a blurted guess instead, ``#### N`` with N a number copied from the question: the base learns two habits,
+to work the problem out (which it often gets right) or to blurt (which is always wrong), and takes either about equally
+often. That is the room reinforcement learning is for: rewarding right answers should teach it to work problems out,
+as rewarding correctness does for a real model that sometimes answers without reasoning.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +45,10 @@ to keep the package small; load them in float32 on CPU.
 
 Problems: `abel_lightning.data.toy.write_toy_dataset(dir, n_train={n_train}, n_test={n_test}, seed={data_seed})`.
 The model saw the train split as `<s> prompt solution </s>`, with Abel's prompt and the loss on the solution
-only, for {steps} AdamW steps of {batch_size} examples (model seed {seed}). Training stops early on purpose:
-the base solves some held-out problems but far from all, so that reinforcement learning has room to improve it.
+only, for {steps} AdamW steps of {batch_size} examples (model seed {seed}). In {blurt_rate:.0%} of the examples
+the solution was replaced by a blurted guess, `#### N` with N a number copied from the question: the base has two
+habits, working the problem out step by step or blurting, and takes either about equally often. Blurts are wrong,
+so reinforcement learning on correctness has room to teach it to work problems out.
 
 ## Measured accuracy
 
@@ -52,6 +59,8 @@ gives the same test set), comparing the final number of each generated solution 
 | --- | --- |
 | greedy | {greedy:.1%} |
 | sampled, temperature 1.0 | {sampled:.1%} |
+| sampled, solutions that show their work | {worked:.1%} of {n_worked} |
+| sampled, blurted solutions (`#### N` alone) | {blurted:.1%} of {n_blurted} |
 
 Pretraining took {train_minutes:.1f} min and the whole script {minutes:.1f} min on {threads} CPU threads.
 
@@ -61,6 +70,18 @@ Pretraining took {train_minutes:.1f} min and the whole script {minutes:.1f} min 
 token each, and decoding restores the text exactly. Contexts hold up to 512 tokens; a prompt is about 40
 tokens and a solution about 40 (at most about 75).
 """
+
+
+def blurt_answers(rows: list[dict], rate: float, seed: int) -> list[dict]:
+    """``rows`` with a seeded share ``rate`` of their solutions replaced by a blurted guess: ``#### N`` where N is a
+    number copied from the question (never the right answer), the habit of a reader who answers without working."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        gold = row["answer"].splitlines()[-1].removeprefix("#### ")
+        guesses = [n for n in re.findall(r"\d+", row["question"]) if n != gold]
+        out.append({**row, "answer": f"#### {rng.choice(guesses)}"} if guesses and rng.random() < rate else row)
+    return out
 
 
 def encode(rows: list[dict], tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], list[int]]]:
@@ -125,17 +146,18 @@ def pretrain(
             print(f"step {step:4d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
 
 
-def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, rows: list[dict], temperature: float) -> float:
-    """Share of ``rows`` whose generated final answer equals the gold one (greedy when ``temperature`` is 0)."""
+def solve(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, rows: list[dict], temperature: float
+) -> list[tuple[bool, bool]]:
+    """``(correct, shows_work)`` per row for one generated solution (greedy when ``temperature`` is 0)."""
     model.eval()
     prompts = [format_prompt(row["question"]) for row in rows]
     settings = SamplingSettings(temperature=temperature, max_new_tokens=128)
     completions = generate(model, tokenizer, prompts, settings, max_batch_rows=100)
-    correct = [
-        is_correct(extract_answer(samples[0].text), extract_gold(row["answer"]))
+    return [
+        (is_correct(extract_answer(samples[0].text), extract_gold(row["answer"])), "<<" in samples[0].text)
         for samples, row in zip(completions, rows)
     ]
-    return sum(correct) / len(rows)
 
 
 def main(
@@ -149,11 +171,13 @@ def main(
     lr: float = 1e-3,
     warmup_steps: int = 50,
     vocab_size: int = 512,
+    blurt_rate: float = 0.5,
     threads: int = 2,
 ) -> dict[str, float]:
     """Rebuild the toy base into ``out_dir`` and report its held-out accuracy, greedy and sampled at temperature 1.
 
-    The held-out problems are ``test.jsonl`` of ``write_toy_dataset(dir, n_test=n_test, seed=data_seed)``.
+    The held-out problems are ``test.jsonl`` of ``write_toy_dataset(dir, n_test=n_test, seed=data_seed)``; a share
+    ``blurt_rate`` of the training solutions are blurted guesses.
     """
     start = time.time()
     out_dir = Path(out_dir)
@@ -165,7 +189,8 @@ def main(
     tokenizer = build_tokenizer((format_prompt(row["question"]) + row["answer"] for row in train), vocab_size)
     model = random_model("toy-llama", tokenizer, seed=seed)
     print(f"toy-llama: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    pretrain(model, encode(train, tokenizer), tokenizer.pad_token_id, steps, batch_size, lr, warmup_steps, seed)
+    corpus = blurt_answers(train, blurt_rate, seed)
+    pretrain(model, encode(corpus, tokenizer), tokenizer.pad_token_id, steps, batch_size, lr, warmup_steps, seed)
     train_minutes = (time.time() - start) / 60
 
     # Ship bfloat16 weights (half the size) and measure the model as shipped, reloaded from disk.
@@ -175,18 +200,28 @@ def main(
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)  # the sampled accuracy is then reproducible too
+    greedy = solve(model, tokenizer, test, temperature=0.0)
+    sampled = solve(model, tokenizer, test, temperature=1.0)
+    worked = [correct for correct, shows_work in sampled if shows_work]
+    blurted = [correct for correct, shows_work in sampled if not shows_work]
     results = {
-        "greedy": accuracy(model, tokenizer, test, temperature=0.0),
-        "sampled": accuracy(model, tokenizer, test, temperature=1.0),
+        "greedy": sum(correct for correct, _ in greedy) / len(test),
+        "sampled": sum(correct for correct, _ in sampled) / len(test),
+        "worked": sum(worked) / max(1, len(worked)),
+        "blurted": sum(blurted) / max(1, len(blurted)),
     }
     minutes = (time.time() - start) / 60
     print(
         f"held-out accuracy on {n_test} problems: greedy {results['greedy']:.1%}, "
-        f"sampled (T=1) {results['sampled']:.1%}; pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
+        f"sampled (T=1) {results['sampled']:.1%} (working shown {results['worked']:.1%} of {len(worked)}, "
+        f"blurted {results['blurted']:.1%} of {len(blurted)}); pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
     )
     (out_dir / "README.md").write_text(
         README.format(
             **results,
+            n_worked=len(worked),
+            n_blurted=len(blurted),
+            blurt_rate=blurt_rate,
             n_train=n_train,
             n_test=n_test,
             data_seed=data_seed,

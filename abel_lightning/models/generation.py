@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from abel_lightning.models.decode_engine import DecodeEngine, decode_engine
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +23,14 @@ class SamplingSettings:
     max_new_tokens: int = 512
     # Text that ends a solution early, e.g. "\nQuestion:" for a base model that goes on to invent the next problem.
     stop_strings: list[str] = field(default_factory=list)
+    # EOS cannot end a solution before this many tokens. Throughput benchmarks set it to max_new_tokens: random
+    # weights would otherwise stop rows at random lengths.
+    min_new_tokens: int = 0
+    # "static": the decode engine (abel_lightning.models.decode_engine); "hf": Hugging Face's model.generate;
+    # "auto": static on a GPU when the model allows it, and not under FSDP (synced_gpus); hf otherwise.
+    engine: Literal["auto", "static", "hf"] = "auto"
+    # The static engine on a GPU replays its decode step as a CUDA graph; false runs it eagerly (to compare, to debug).
+    cuda_graphs: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -58,7 +69,9 @@ def generate(
 
     Prompts are decoded in chunks of at most ``max_batch_rows`` rows (prompts x samples). When the GPU runs out of
     memory the chunk is halved and retried, and the smaller size is kept for the rest of the call.
-    ``synced_gpus`` keeps all ranks stepping together, which sharded (FSDP) models need.
+    ``synced_gpus`` keeps all ranks stepping together, which sharded (FSDP) models need: it implies ``model.generate``.
+    ``settings.engine`` picks the decoder: on a GPU, by default, the static decode engine (``decode_engine``), whose
+    completions are those ``model.generate`` would give (token for token under greedy decoding).
     """
     rows_per_chunk = max_batch_rows or len(prompts) * num_samples
     prompts_per_chunk = max(1, rows_per_chunk // num_samples)
@@ -82,11 +95,63 @@ def generate(
 def _generate_chunk(model, tokenizer, prompts, settings, num_samples, synced_gpus) -> list[list[Completion]]:
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+    prompt_width = encoded["input_ids"].shape[1]
+    engine = _static_engine(model, settings, synced_gpus, device, prompt_width + settings.max_new_tokens)
+    if engine is not None:
+        # model.generate pads with EOS when the tokenizer has no pad token; so does the engine.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        new_tokens = engine.decode(
+            encoded["input_ids"], encoded["attention_mask"], settings, num_samples,
+            eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad_id, tokenizer=tokenizer,
+            cuda_graphs=settings.cuda_graphs,
+        )
+    else:
+        new_tokens = _hf_generate(model, tokenizer, encoded, settings, num_samples, synced_gpus)[:, prompt_width:]
+    prompt_rows = [
+        [t for t, keep in zip(ids, mask) if keep]
+        for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist())
+    ]
+    completions = []
+    for row, response in enumerate(new_tokens.tolist()):
+        prompt_ids = prompt_rows[row // num_samples]
+        response_ids, finished = _cut_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        text = tokenizer.decode(response_ids, skip_special_tokens=True)
+        completions.append(Completion(prompt_ids, response_ids, text, finished))
+    return [completions[i : i + num_samples] for i in range(0, len(completions), num_samples)]
+
+
+# Each reason to fall back to model.generate is logged once per process, not once per batch.
+_REFUSALS_LOGGED: set[str] = set()
+
+
+def _static_engine(model, settings, synced_gpus, device, context) -> DecodeEngine | None:
+    """The decode engine if ``settings.engine`` asks for it, or, under "auto", if it applies; else None (HF)."""
+    if settings.engine == "hf":
+        return None
+    if settings.engine == "auto" and (synced_gpus or device.type != "cuda"):
+        return None
+    if synced_gpus:
+        raise ValueError("sampling.engine 'static' cannot decode a sharded (FSDP) model: set it to auto or hf")
+    try:
+        engine = decode_engine(model)
+        engine.check_context(context)
+    except ValueError as refusal:
+        if settings.engine == "static":
+            raise
+        if str(refusal) not in _REFUSALS_LOGGED:
+            _REFUSALS_LOGGED.add(str(refusal))
+            log.warning("%s; sampling with model.generate instead", refusal)
+        return None
+    return engine
+
+
+def _hf_generate(model, tokenizer, encoded, settings, num_samples, synced_gpus) -> torch.Tensor:
     sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-    output = model.generate(
+    return model.generate(
         **encoded,
         do_sample=not settings.greedy,
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
         num_return_sequences=num_samples,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -96,15 +161,6 @@ def _generate_chunk(model, tokenizer, prompts, settings, num_samples, synced_gpu
         use_cache=True,
         **sampling,
     )
-    prompt_width = encoded["input_ids"].shape[1]
-    completions = []
-    for row, sequence in enumerate(output.tolist()):
-        prompt_mask = encoded["attention_mask"][row // num_samples].tolist()
-        prompt_ids = [t for t, keep in zip(sequence[:prompt_width], prompt_mask) if keep]
-        response_ids, finished = _cut_at_eos(sequence[prompt_width:], tokenizer.eos_token_id, tokenizer.pad_token_id)
-        text = tokenizer.decode(response_ids, skip_special_tokens=True)
-        completions.append(Completion(prompt_ids, response_ids, text, finished))
-    return [completions[i : i + num_samples] for i in range(0, len(completions), num_samples)]
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> tuple[list[int], bool]:

@@ -105,6 +105,8 @@ class DPOModule(LoRATrainingModule):
                 "model.beta, check those pairs for empty responses, and resume from the last saved adapter"
             )
         self.log_metrics("train", out, batch)
+        pairs = batch.index.numel()
+        self._global_batch_loss += torch.stack([out.loss.detach().float() * pairs, torch.tensor(float(pairs))]).to(self.device)
         return out.loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
@@ -178,6 +180,7 @@ class DPOModule(LoRATrainingModule):
         )
         for logger in self.loggers:
             logger.log_hyperparams({"global_batch_size": global_batch})
+        self._global_batch_loss = torch.zeros(2, device=self.device)  # (sum of pair losses, pairs) this step
         if self.hparams.reference == "cached":
             self.reference_logps = self._cached_reference(data).to(self.device)
 
@@ -242,6 +245,13 @@ class DPOModule(LoRATrainingModule):
 
     def on_train_batch_start(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The loss of the whole global batch (all micro-batches on all ranks), once per optimizer step: the number to
+        # compare between runs on different device counts. train/loss is the last micro-batch's, averaged over ranks.
+        total, pairs = self.trainer.strategy.reduce(self._global_batch_loss, reduce_op="sum")
+        self.log("train/global_batch_loss", total / pairs)
+        self._global_batch_loss.zero_()
 
     def on_train_batch_end(self, outputs, batch: PreferenceBatch, batch_idx: int) -> None:
         # Per device, over forward, backward and (every accumulate_grad_batches) the optimizer step. Host time tracks

@@ -1,0 +1,468 @@
+"""A decode engine for Llama-, Mistral- and Qwen2-shaped causal LMs: a static KV cache, sampling on the device, and a
+one-token decode step replayed as a CUDA graph.
+
+Hugging Face's ``model.generate`` launches every kernel of every step from Python and waits on the host to sample
+and to check stopping, so at rollout batch sizes a 7B model on a GPU is bound by the host, not by memory bandwidth.
+Here:
+
+- the forward is our own, over the model's modules (embeddings, each layer's norms, q/k/v/o projections and MLP, its
+  rotary embedding, the final norm, the LM head), so a PEFT LoRA layer, merged or not, or a bitsandbytes Linear works
+  as it is;
+- keys and values go to a cache preallocated for ``rows x capacity`` slots; attention reads it through a boolean mask;
+- one decode step (forward, sampling, stopping, advancing the positions) reads and writes only preallocated buffers,
+  so on a GPU it is captured once per (rows, KV bucket, sampling mode) as a ``torch.cuda.CUDAGraph`` and replayed.
+  A bucket is a multiple of ``KV_BUCKET`` slots: early steps attend over a shorter prefix of the cache;
+- tokens are drawn with the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` i.i.d. per token, which samples from
+  ``p`` without the host synchronisation of ``torch.multinomial``; each row's EOS and stop strings set a ``done`` flag
+  on the device, and the host reads back only whether all rows are done, every ``CHECK_EVERY`` steps.
+
+The prompt is prefilled by the same forward, once per distinct prompt, and its keys and values are copied to the
+rows of its samples. On the CPU, or with ``cuda_graphs=False``, the step runs eagerly: same code, same results.
+
+A captured graph reads every weight by address. Weights changed in place (the optimizer's step on LoRA parameters)
+are read fresh at each replay; anything that moves a parameter's storage or changes how a module computes
+(``merge_and_unload``, PEFT's merge, unmerge or ``disable_adapter``, train mode) changes the engine's weight signature,
+and the graphs are captured again on the next call.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+if TYPE_CHECKING:
+    from abel_lightning.models.generation import SamplingSettings
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Rotary variants whose module is a pure function of the positions; "dynamic" and "longrope" rescale on the host from
+# the longest position seen, which a graph cannot do and the static cache does not need.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Cache slots are allocated, and graphs captured, in multiples of this; a step attends over the smallest multiple
+# that holds its context, so early steps read less cache.
+KV_BUCKET = 128
+# The host asks whether every row is done once per this many steps: at most this many steps are wasted at the end.
+CHECK_EVERY = 16
+# Eager steps before a capture: the first calls of cuBLAS and the attention kernels allocate workspaces and pick
+# algorithms, which must not happen inside a capture.
+WARMUP_STEPS = 2
+# Logits processors that a model's generation_config can switch on in ``model.generate``, with their neutral values.
+# The engine implements none of them, so it refuses a model that sets one (``generate`` then uses ``model.generate``).
+NEUTRAL_PROCESSORS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_length": 0,
+    "num_beams": 1,
+    "guidance_scale": 1.0,
+    "exponential_decay_length_penalty": None,
+    "watermarking_config": None,
+}
+
+
+def sample_tokens(logits: Tensor, greedy: bool, temperature: Tensor, top_p: Tensor | None) -> Tensor:
+    """The next token of each row from ``logits`` [B, V] (float32): argmax if ``greedy``, else a sample.
+
+    Sampling follows ``model.generate``: logits / ``temperature`` [1], then, with ``top_p`` [1], keep the most likely
+    tokens whose probability mass reaches ``top_p`` (HF's ``TopPLogitsWarper``: drop the tail whose cumulative mass
+    is at most 1 - top_p, always keeping the top token). The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token:
+    ``P(argmax = i) = p_i``, and it needs no host synchronisation, unlike ``torch.multinomial``.
+    """
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p is not None:
+        ascending, order = torch.sort(logits, descending=False)
+        tail = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        tail[..., -1].fill_(False)
+        logits = logits.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
+    probs = logits.softmax(-1)
+    # An exact zero from the exponential would turn 0/0 into NaN, which argmax prefers to anything.
+    race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(-1)
+
+
+def _attention_bias(mask: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """The additive bias [B, 1, groups * T, K] of a boolean ``mask`` [B, T, K] (True where a query sees a key), laid
+    out for :func:`_attend`. Made once per forward: every layer shares it."""
+    batch, length, width = mask.shape
+    mask = mask[:, None, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, width)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """Grouped-query attention: ``query`` [B, H, T, D] over ``keys``/``values`` [B, G, K, D] (H a multiple of G)
+    with ``bias`` from :func:`_attention_bias`. Returns [B, H, T, D].
+
+    The H / G query heads that share a key head are folded into its query rows, so the kernel reads each cached key
+    once instead of once per query head (``repeat_kv`` would copy the cache H / G times).
+    """
+    batch, heads, length, dim = query.shape
+    query = query.reshape(batch, keys.shape[1], heads // keys.shape[1] * length, dim)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale)
+    return out.reshape(batch, heads, length, dim)
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """What a decode step's code depends on, beyond the buffers: part of the key of a captured graph."""
+
+    greedy: bool
+    nucleus: bool  # top_p < 1
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    stop: StopStringCriteria | None  # compared by identity: the engine keeps one per tokenizer and strings
+
+
+def _bucket(slot: int) -> int:
+    """The cache width a step that writes ``slot`` attends over."""
+    return (slot // KV_BUCKET + 1) * KV_BUCKET
+
+
+class _Workspace:
+    """The buffers every decode step reads and writes in place, for up to ``rows`` rows and ``capacity`` cache slots,
+    and the graphs captured over them (a graph reads its buffers by address, so they live and die together)."""
+
+    def __init__(self, layers: int, rows: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
+        self.rows, self.capacity = rows, capacity
+        # Zeros, not empty: masked slots still enter attention as 0 * value, and garbage could be NaN.
+        self.keys = torch.zeros(layers, rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.key_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # the token each row feeds to the next step
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # its position: real tokens before it
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.generated = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot of ``tokens`` (every row's)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens generated so far
+        self.temperature = torch.ones(1, device=device)
+        self.top_p = torch.ones(1, device=device)
+        self.min_new_tokens = torch.zeros(1, dtype=torch.long, device=device)
+        self.eos: dict[tuple[int, ...], Tensor] = {}
+        # Per stop-string window width: each row's last tokens, which StopStringCriteria reads.
+        self.recent: dict[int, Tensor] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.keys.is_cuda else None
+
+    def eos_ids(self, ids: tuple[int, ...]) -> Tensor:
+        if ids not in self.eos:
+            self.eos[ids] = torch.tensor(ids, dtype=torch.long, device=self.keys.device)
+        return self.eos[ids]
+
+    def window(self, width: int) -> Tensor:
+        if width not in self.recent:
+            self.recent[width] = torch.zeros(self.rows, width, dtype=torch.long, device=self.keys.device)
+        return self.recent[width]
+
+
+def _refusal(model: PreTrainedModel) -> str | None:
+    """Why the engine cannot decode ``model`` exactly as ``model.generate`` would, or None if it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(body, "rotary_emb") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} is not a causal LM with .model.rotary_emb and .lm_head"
+    rope_type = getattr(body.rotary_emb, "rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        return f"rope_type {rope_type!r} is not one of {SUPPORTED_ROPE_TYPES}"
+    for name, neutral in NEUTRAL_PROCESSORS.items():
+        value = getattr(model.generation_config, name, None)
+        if value is not None and value != neutral:
+            return f"generation_config.{name} = {value!r} is a logits processor the engine does not implement"
+    return None
+
+
+def _weights_signature(model: nn.Module) -> tuple:
+    """What a captured graph depends on besides the weights' values: where each parameter lives, how each PEFT layer
+    computes (merged, adapters disabled, which adapters are active), and train/eval mode."""
+    return (
+        tuple(p.data_ptr() for p in model.parameters()),
+        tuple(
+            (m.merged, m.disable_adapters, tuple(m.active_adapters))
+            for m in model.modules()
+            if isinstance(m, BaseTunerLayer)
+        ),
+        model.training,
+    )
+
+
+class DecodeEngine:
+    """Batched sampling from one model with a static KV cache; see the module docstring. Get it with
+    :func:`decode_engine`, which keeps one per model. ``capture_seconds`` adds up the time spent capturing graphs."""
+
+    def __init__(self, model: PreTrainedModel):
+        # A weak reference, so that the engines cache (keyed weakly by the model) lets the model and its cache go.
+        self._model = weakref.ref(model)
+        self._workspace: _Workspace | None = None
+        self._signature: tuple | None = None
+        self._stop_criteria: dict[tuple, tuple[object, StopStringCriteria]] = {}
+        self.capture_seconds = 0.0
+
+    def check_context(self, length: int) -> None:
+        """Raise ValueError if a prompt width plus new tokens of ``length`` exceeds the model's sliding window: within
+        the window, sliding-window attention is full attention; beyond it, the engine would not match the model."""
+        window = getattr(self._model().config, "sliding_window", None)
+        if window is not None and length > window:
+            raise ValueError(f"context of {length} tokens exceeds the model's sliding window of {window}")
+
+    def release(self) -> None:
+        """Free the KV cache and the captured graphs (the next call allocates and captures again)."""
+        self._workspace = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # Inference mode, always: the workspace is then made of inference tensors, updated in place only in here, so a
+    # workspace made under Lightning's predict or test loop (which run in inference mode) serves a fit as well.
+    @torch.inference_mode()
+    def decode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        settings: SamplingSettings,
+        num_samples: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        tokenizer=None,
+        cuda_graphs: bool = True,
+    ) -> Tensor:
+        """Sample ``num_samples`` continuations of each left-padded prompt in ``input_ids`` [N, P].
+
+        Returns the new tokens [N * num_samples, S] (rows prompt-major, as ``num_return_sequences`` orders them),
+        S <= ``settings.max_new_tokens``: a row that ends (EOS or a stop string, which needs ``tokenizer``) is
+        padded with ``pad_token_id`` after its last token, exactly as ``model.generate`` pads it.
+        """
+        model = self._model()
+        device = input_ids.device
+        prompts, width = input_ids.shape
+        rows = prompts * num_samples
+        stop = self._stop_criterion(tokenizer, settings.stop_strings, device) if settings.stop_strings else None
+        graphs = cuda_graphs and device.type == "cuda" and getattr(model.config, "quantization_config", None) is None
+        try:
+            # Autocast off: the weights carry their dtypes already, and autocast's weight-cast cache must not be used
+            # by a graph capture (PyTorch documents it as unsafe).
+            with torch.autocast(device.type, enabled=False):
+                workspace = self._prepare(model, rows, width + settings.max_new_tokens, graphs)
+                mode = _Mode(settings.greedy, settings.top_p < 1, tuple(eos_token_ids), pad_token_id, stop)
+                # Buffers a graph reads are made before any capture, so that none lives in a graph's pool.
+                workspace.eos_ids(mode.eos_ids)
+                if stop is not None:
+                    workspace.window(stop.maximum_token_len)
+                step_widths = {_bucket(slot) for slot in range(width, width + settings.max_new_tokens - 1)}
+                for step_width in sorted(step_widths) if graphs else []:
+                    if (rows, step_width, mode) not in workspace.graphs:
+                        step = functools.partial(self._step, model, workspace, rows, step_width, mode)
+                        self._capture(workspace, (rows, step_width, mode), step)
+                self._prefill(model, workspace, input_ids, attention_mask, num_samples, settings, mode)
+                steps = 1
+                while steps < settings.max_new_tokens:
+                    for _ in range(min(CHECK_EVERY, settings.max_new_tokens - steps)):
+                        step_width = _bucket(width + steps - 1)
+                        if graphs:
+                            workspace.graphs[(rows, step_width, mode)].replay()
+                        else:
+                            self._step(model, workspace, rows, step_width, mode)
+                        steps += 1
+                    if bool(workspace.done[:rows].all()):
+                        break
+                return workspace.generated[:rows, :steps].clone()
+        except torch.OutOfMemoryError:
+            # The caller retries with fewer rows; the cache sized for these rows would stand in its way.
+            self.release()
+            raise
+
+    def _stop_criterion(self, tokenizer, stop_strings: list[str], device) -> StopStringCriteria:
+        """HF's own stop-string matcher, which is pure tensor work (graph-safe), kept per tokenizer and strings so that
+        its tables stay at the address a graph captured."""
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer: pass tokenizer= to DecodeEngine.decode")
+        key = (id(tokenizer), tuple(stop_strings))
+        if key not in self._stop_criteria:
+            criterion = StopStringCriteria(tokenizer, stop_strings)
+            criterion.embedding_vec = criterion.embedding_vec.to(device)
+            criterion.target_lens = criterion.target_lens.to(device)
+            # The tokenizer rides along so that its id cannot be reused by another while the entry lives.
+            self._stop_criteria[key] = (tokenizer, criterion)
+        return self._stop_criteria[key][1]
+
+    def _prepare(self, model: PreTrainedModel, rows: int, length: int, graphs: bool) -> _Workspace:
+        """A workspace for ``rows`` x ``length``: the current one if it fits, else a new one of that size; graphs are
+        dropped if the weights moved.
+
+        A workspace far larger than the call needs is replaced too: it would hold its memory through what comes next
+        (in PPO, the update after a large in-fit evaluation), and a smaller one costs only a capture.
+        """
+        workspace = self._workspace
+        capacity = -(-length // KV_BUCKET) * KV_BUCKET
+        if (
+            workspace is None
+            or workspace.rows < rows
+            or workspace.capacity < capacity
+            or 4 * rows * capacity < workspace.rows * workspace.capacity
+        ):
+            self.release()
+            body = model.model
+            attention = body.layers[0].self_attn
+            config = model.config
+            workspace = self._workspace = _Workspace(
+                len(body.layers), rows, capacity, config.num_key_value_heads, attention.head_dim,
+                body.embed_tokens.weight.dtype, body.embed_tokens.weight.device,
+            )
+        if graphs:
+            signature = _weights_signature(model)
+            if signature != self._signature:
+                workspace.graphs.clear()
+                self._signature = signature
+        return workspace
+
+    def _capture(self, workspace: _Workspace, key: tuple, step: Callable[[], None]) -> None:
+        """Capture ``step`` into a graph. Runs before the prefill: the warm-up steps overwrite the decoding state."""
+        started = time.perf_counter()
+        workspace.slot.zero_()
+        workspace.count.zero_()
+        workspace.positions.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # The default CUDA generator registers with the capture, so each replay draws fresh random numbers.
+        with torch.cuda.graph(graph, pool=workspace.pool):
+            step()
+        workspace.graphs[key] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - started
+
+    def _forward(self, model: PreTrainedModel, input_ids: Tensor, positions: Tensor, mask: Tensor, store) -> Tensor:
+        """Float32 logits [B, V] at the last position of ``input_ids`` [B, T].
+
+        ``positions`` [B, T] are the RoPE positions, ``mask`` [B, T, K] says which keys each query sees, and
+        ``store(layer, keys, values)`` puts this pass's keys and values [B, G, T, D] in the cache and returns the keys
+        and values [B, G, K, D] to attend over.
+        """
+        body, config = model.model, model.config
+        hidden = body.embed_tokens(input_ids)
+        cos, sin = body.rotary_emb(hidden, positions)
+        bias = _attention_bias(mask, config.num_attention_heads // config.num_key_value_heads, hidden.dtype)
+        for index, layer in enumerate(body.layers[: config.num_hidden_layers]):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (*x.shape[:2], -1, attention.head_dim)
+            query = attention.q_proj(x).view(shape).transpose(1, 2)
+            keys = attention.k_proj(x).view(shape).transpose(1, 2)
+            values = attention.v_proj(x).view(shape).transpose(1, 2)
+            query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
+            keys, values = store(index, keys, values)
+            out = _attend(query, keys, values, bias, attention.scaling)
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return model.lm_head(body.norm(hidden[:, -1:]))[:, -1].float()
+
+    def _prefill(self, model, workspace, input_ids, attention_mask, num_samples, settings, mode: _Mode) -> None:
+        """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token."""
+        prompts, width = input_ids.shape
+        rows = prompts * num_samples
+        valid = attention_mask.bool()
+        # Positions count real tokens only, as `generate` numbers them under left padding (SequenceBatch does too).
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+        # A padding query sees itself too: with no key at all its attention would be NaN, and NaN keys and values
+        # in later layers would poison every row (masked attention still multiplies them by zero).
+        mask = causal & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=input_ids.device))
+
+        def store(layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+            workspace.keys[layer, :rows, :, :width].unflatten(0, (prompts, num_samples)).copy_(keys[:, None])
+            workspace.values[layer, :rows, :, :width].unflatten(0, (prompts, num_samples)).copy_(values[:, None])
+            return keys, values
+
+        logits = self._forward(model, input_ids, positions, mask, store).repeat_interleave(num_samples, 0)
+        workspace.key_mask[:rows].zero_()
+        workspace.key_mask[:rows, :width] = valid.repeat_interleave(num_samples, 0)
+        workspace.positions[:rows] = attention_mask.sum(-1).repeat_interleave(num_samples, 0)
+        workspace.slot.fill_(width)
+        workspace.count.zero_()
+        workspace.done[:rows] = False
+        workspace.temperature.fill_(settings.temperature if not settings.greedy else 1.0)
+        workspace.top_p.fill_(settings.top_p)
+        workspace.min_new_tokens.fill_(settings.min_new_tokens)
+        if mode.stop is not None:
+            recent = workspace.window(mode.stop.maximum_token_len)[:rows]
+            # Slots before a short prompt hold an out-of-vocabulary id, which StopStringCriteria never matches.
+            recent.fill_(mode.stop.embedding_vec.shape[0] - 1)
+            tail = input_ids[:, -recent.shape[1] :].repeat_interleave(num_samples, 0)
+            recent[:, -tail.shape[1] :] = tail
+        self._choose(workspace, rows, logits, mode)
+
+    def _step(self, model, workspace: _Workspace, rows: int, width: int, mode: _Mode) -> None:
+        """One token for every row, reading the cache up to ``width`` slots: the body of a captured graph."""
+        keys_cache, values_cache = workspace.keys[:, :rows], workspace.values[:, :rows]
+        workspace.key_mask[:rows].index_fill_(1, workspace.slot, True)
+
+        def store(layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+            keys_cache[layer].index_copy_(2, workspace.slot, keys)
+            values_cache[layer].index_copy_(2, workspace.slot, values)
+            return keys_cache[layer, :, :, :width], values_cache[layer, :, :, :width]
+
+        mask = workspace.key_mask[:rows, None, :width]
+        logits = self._forward(model, workspace.tokens[:rows, None], workspace.positions[:rows, None], mask, store)
+        workspace.positions[:rows].add_(1)
+        workspace.slot.add_(1)
+        self._choose(workspace, rows, logits, mode)
+
+    def _choose(self, workspace: _Workspace, rows: int, logits: Tensor, mode: _Mode) -> None:
+        """Pick each row's next token, record it, and mark the rows it ends (as `model.generate`'s criteria do)."""
+        eos = workspace.eos_ids(mode.eos_ids)
+        # min_new_tokens: EOS is impossible until that many tokens are out (HF's MinNewTokensLengthLogitsProcessor).
+        early = workspace.count < workspace.min_new_tokens
+        logits.index_copy_(1, eos, logits.index_select(1, eos).masked_fill(early, float("-inf")))
+        top_p = workspace.top_p if mode.nucleus else None
+        token = sample_tokens(logits, mode.greedy, workspace.temperature, top_p)
+        token = token.masked_fill(workspace.done[:rows], mode.pad_id)
+        workspace.generated[:rows].index_copy_(1, workspace.count, token[:, None])
+        ended = (token[:, None] == eos).any(-1)
+        if mode.stop is not None:
+            recent = workspace.window(mode.stop.maximum_token_len)[:rows]
+            recent.copy_(torch.cat([recent[:, 1:], token[:, None]], dim=1))
+            ended |= mode.stop(recent, None)
+        workspace.done[:rows].logical_or_(ended)
+        workspace.tokens[:rows] = token
+        workspace.count.add_(1)
+
+
+_ENGINES: weakref.WeakKeyDictionary[PreTrainedModel, DecodeEngine] = weakref.WeakKeyDictionary()
+
+
+def decode_engine(model: nn.Module) -> DecodeEngine:
+    """The engine of ``model`` (a Hugging Face causal LM, or a PEFT model around one), made on first use and kept as
+    long as the model lives, KV cache and graphs included. Raises ValueError, saying why, for a model it cannot
+    decode exactly as ``model.generate`` would."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    reason = _refusal(base)
+    if reason is not None:
+        raise ValueError(f"the static decode engine cannot decode {type(base).__name__}: {reason}")
+    if base not in _ENGINES:
+        _ENGINES[base] = DecodeEngine(base)
+    return _ENGINES[base]
