@@ -25,7 +25,7 @@ from abel_lightning.data.toy import make_problems
 from abel_lightning.jsonl import write_jsonl_atomic
 from abel_lightning.models.loading import load_tokenizer
 from abel_lightning.prompts import format_prompt
-from bench.models import gib, materialize
+from bench.models import gib, materialize, matmul_tflops
 
 
 def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]:
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=160)
     parser.add_argument("--response-tokens", type=int, default=256)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     from abel_lightning.modules.dpo import DPOModule
@@ -58,7 +59,9 @@ def main() -> None:
     pairs = work / "pairs.jsonl"
     n = args.steps * args.batch_size
     write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens))
-    module = DPOModule(model=path, adapter=None, quantization=args.quantization)
+    module = DPOModule(
+        model=path, adapter=None, quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing
+    )
     data = PreferenceDataModule(pairs=str(pairs), rollouts=None, batch_size=args.batch_size, val_fraction=0.0)
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
@@ -72,10 +75,17 @@ def main() -> None:
     tokens_per_s = sum(float(r["train/tokens_per_s"]) for r in rows) / len(rows)
     tokens_per_step = 2 * args.batch_size * (args.prompt_tokens + args.response_tokens)
     label = args.quantization or "bf16"
-    print("\n| base | tokens/s | s/step | peak GiB |\n|---|---|---|---|")
-    print(f"| {label} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
+    # MFU as the issue counts it: 6 x parameters FLOP per token, over the bf16 matrix-product rate measured here.
+    peak = matmul_tflops()
+    parameters = sum(p.numel() for p in module.policy.parameters())
+    # (A 4-bit base packs two weights per element, so its count, and MFU, would be wrong: not shown.)
+    mfu = f"{6 * parameters * tokens_per_s / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    print("\n| base | pairs/step | gradient checkpointing | tokens/s | s/step | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+    print(f"| {label} | {args.batch_size} | {checkpointing} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} "
+          f"| {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
     print(f"{args.batch_size} pairs/step, about {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
-          f"gradient checkpointing; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "
+          f"bf16 matmul peak measured {peak:.0f} TFLOP/s; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "
           f"{torch.cuda.get_device_name()}")
 
 

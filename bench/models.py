@@ -30,3 +30,17 @@ def materialize(name: str, root: str = "/tmp/abel-bench-models") -> str:
 
 def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
+
+
+def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
+    """The bf16 matrix-product rate this GPU reaches (TFLOP/s), the denominator of MFU."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12

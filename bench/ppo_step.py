@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="questions per PPO iteration")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help="sampling.engine")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp())
@@ -39,7 +40,7 @@ def main() -> None:
     module = PPOModule(
         model=materialize(args.model),
         quantization=args.quantization,
-        sampling=SamplingSettings(temperature=0.7, max_new_tokens=args.new_tokens),
+        sampling=SamplingSettings(temperature=0.7, max_new_tokens=args.new_tokens, engine=args.engine),
         minibatch_size=args.questions,
         target_kl=None,
     )
@@ -53,8 +54,8 @@ def main() -> None:
     rows = [r for r in csv.DictReader(next(work.rglob("metrics.csv")).open()) if r.get("reward")][1:]
     mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
     label = args.quantization or "bf16"
-    print("\n| base | generation s | tokens/s | scoring s | update s (4 epochs) | peak GiB |\n|---|---|---|---|---|---|")
-    print(f"| {label} | {mean('generation_seconds'):.1f} | {mean('generation_tokens_per_s'):,.0f} | "
+    print("\n| base | engine | generation s | tokens/s | scoring s | update s (4 epochs) | peak GiB |\n|---|---|---|---|---|---|---|")
+    print(f"| {label} | {args.engine} | {mean('generation_seconds'):.1f} | {mean('generation_tokens_per_s'):,.0f} | "
           f"{mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
     print(f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, gradient checkpointing, "
           f"means over {len(rows)} iterations after a warm-up; {torch.cuda.get_device_name()}")

@@ -166,7 +166,7 @@ def main(
     n_test: int = 200,
     data_seed: int = 0,
     seed: int = 0,
-    steps: int = 400,
+    steps: int = 1000,
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup_steps: int = 50,

@@ -92,23 +92,30 @@ def test_tiny_target_kl_stops_after_the_first_minibatch(tiny_model, shared_data,
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_over_a_few_dozen_steps(shared_data, tmp_path):
-    """The packaged toy base on 8 fixed toy questions, seen again every iteration: the correctness reward of its
-    samples (about 0.35 at the start) is easy to raise by learning those 8 answers."""
+def test_ppo_beats_the_base_on_held_out_toy_problems(tmp_path):
+    """The tiny pipeline's PPO phase as shipped (configs/tiny/ppo.yaml: 50 GRPO iterations on 400 toy questions), then
+    greedy accuracy on 200 held-out problems it never saw. The packaged base blurts a copied number about half the
+    time; PPO should teach it to work problems out. Measured with seeds 0, 1 and 2: base 17.0%, PPO 52.0%, 53.5% and
+    51.5% (docs/TOY.md), so a 20-point margin holds with room."""
     from abel_lightning.data.toy import write_toy_dataset
+    from abel_lightning.jsonl import read_jsonl
 
-    write_toy_dataset(tmp_path / "toy", n_train=8, n_test=1, seed=3)
+    write_toy_dataset(tmp_path / "toy", n_train=2000, n_test=200, seed=0)
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     main([
-        "fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"),
-        "--data.init_args.dataset", str(tmp_path / "toy"), "--data.init_args.n_samples", "null",
-        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "20",
-        "--model.init_args.samples_per_question", "8", "--model.init_args.minibatch_size", "32",
-        "--model.init_args.learning_rate", "1e-3",
-        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--data.init_args.dataset", str(tmp_path / "toy"),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ppo_lora"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *quiet,
     ])
-    rewards = [float(r["reward"]) for r in metrics(tmp_path)]
-    assert len(rewards) == 20
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.15, (first, last, rewards)
+    accuracy = {}
+    for adapter in ("null", str(tmp_path / "ppo_lora")):
+        main([
+            "test", "--config", str(ROOT / "configs/tiny/eval.yaml"), "--data.init_args.dataset", str(tmp_path / "toy"),
+            "--model.init_args.adapter", adapter, "--trainer.callbacks.init_args.output_dir", str(tmp_path / "eval"),
+            *quiet,
+        ])
+    for path in (tmp_path / "eval").glob("*_platinum_eval.jsonl"):
+        records = read_jsonl(path)
+        assert len(records) == 200
+        accuracy[path.name.removesuffix("_platinum_eval.jsonl")] = sum(r["correct"] for r in records) / len(records)
+    assert accuracy["ppo_lora"] >= accuracy["base"] + 0.20, accuracy

@@ -106,7 +106,8 @@ class DPOModule(LoRATrainingModule):
             )
         self.log_metrics("train", out, batch)
         pairs = batch.index.numel()
-        self._global_batch_loss += torch.stack([out.loss.detach().float() * pairs, torch.tensor(float(pairs))]).to(self.device)
+        loss = out.loss.detach().float()
+        self._global_batch_loss += torch.stack([loss * pairs, loss.new_tensor(float(pairs))])
         return out.loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
