@@ -98,7 +98,7 @@ def rollouts(args, work: Path, devices: int) -> tuple[float, dict]:
 def dpo(args, work: Path, devices: int) -> tuple[float, dict]:
     out = work / f"dpo{devices}"
     accumulate = args.global_batch // (2 * devices)
-    _, seconds = cli(
+    text, seconds = cli(
         "fit", "--config", "configs/dpo.yaml", *on(devices, args), *QUIET,
         "--model.init_args.model", args.model_path, "--model.init_args.adapter", "null",
         "--model.init_args.learning_rate", str(args.dpo_lr),
@@ -112,7 +112,10 @@ def dpo(args, work: Path, devices: int) -> tuple[float, dict]:
     curve = [float(row["train/global_batch_loss"]) for row in rows if row.get("train/global_batch_loss")]
     rates = [float(row["train/tokens_per_s"]) for row in rows if row.get("train/tokens_per_s")]
     warm = rates[len(rates) // 4 :]  # leave out the first quarter of the batches (warm-up)
-    return devices * sum(warm) / len(warm), {"curve": curve, "wall s": f"{seconds:.0f}", "adapter": str(out / "adapter")}
+    global_batch = re.search(r"DPO global batch: (\d+ pairs = .*? devices)", text).group(1)
+    return devices * sum(warm) / len(warm), {
+        "global batch": global_batch, "curve": curve, "wall s": f"{seconds:.0f}", "adapter": str(out / "adapter")
+    }
 
 
 def evaluate(args, work: Path, devices: int) -> tuple[float, dict]:
@@ -157,26 +160,27 @@ def main() -> None:
     pairs = synthetic_pairs(load_tokenizer(args.model_path), args.global_batch * args.dpo_steps, 160, 256)
     write_jsonl_atomic(work / "pairs.jsonl", pairs)
 
-    print(f"\n{args.model} ({args.model_path}), strategy {args.strategy}, 1 vs {args.devices} GPUs")
-    print(f"\n| phase | unit | 1 GPU | {args.devices} GPUs | ratio | 1 GPU details | {args.devices} GPU details |")
+    unit = "GPU" if args.accelerator == "gpu" else "CPU process"
+    print(f"\n{args.model} ({args.model_path}), strategy {args.strategy}, 1 vs {args.devices} x {unit}")
+    print(f"\n| phase | rate | 1 {unit} | {args.devices} x {unit} | ratio | 1 {unit} details | {args.devices} x {unit} details |")
     print("|---|---|---|---|---|---|---|")
     results = {}
     for phase in args.phases:
-        run, unit = PHASES[phase]
+        run, rate = PHASES[phase]
         one, one_details = run(args, work, 1)
         many, many_details = run(args, work, args.devices)
         results[phase] = (one_details, many_details)
         shown = lambda d: ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("curve", "adapter"))  # noqa: E731
-        print(f"| {phase} | {unit} | {one:,.1f} | {many:,.1f} | {many / one:.2f} | {shown(one_details)} | {shown(many_details)} |",
+        print(f"| {phase} | {rate} | {one:,.1f} | {many:,.1f} | {many / one:.2f} | {shown(one_details)} | {shown(many_details)} |",
               flush=True)
 
     if "dpo" in results:
         (one, many) = results["dpo"]
         steps = min(len(one["curve"]), len(many["curve"]))
         gap = max(abs(a - b) for a, b in zip(one["curve"], many["curve"]))
-        print(f"\nDPO loss, global batch {args.global_batch}, lr {args.dpo_lr}: largest |1 GPU - {args.devices} GPUs| over "
+        print(f"\nDPO loss, global batch {args.global_batch}, lr {args.dpo_lr}: largest |1 - {args.devices} x {unit}| over "
               f"{steps} steps = {gap:.2e}")
-        print("| step | 1 GPU | N GPUs |\n|---|---|---|")
+        print(f"| step | 1 {unit} | {args.devices} x {unit} |\n|---|---|---|")
         for step, (a, b) in enumerate(zip(one["curve"], many["curve"])):
             print(f"| {step} | {a:.5f} | {b:.5f} |")
         device = "cuda" if args.accelerator == "gpu" else "cpu"
@@ -184,7 +188,7 @@ def main() -> None:
             "import torch; from peft import PeftModel; from abel_lightning.models.loading import load_base;"
             f"m = PeftModel.from_pretrained(load_base({args.model_path!r}, 'bfloat16').to({device!r}), {many['adapter']!r});"
             "b = [p for n, p in m.named_parameters() if 'lora_B' in n];"
-            "print('adapter from {} GPUs loads on one device: {} LoRA B matrices, mean |B| {:.2e}'.format("
+            "print('adapter from {} ranks loads on one device: {} LoRA B matrices, mean |B| {:.2e}'.format("
             f"{args.devices}, len(b), torch.stack([p.abs().mean() for p in b]).mean().item()))"
         )
         print(subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip())

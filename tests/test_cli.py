@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from abel_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_command(capsys):
@@ -47,3 +52,17 @@ def test_compare_takes_the_shell_glob_as_paths(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "base" in out and "ppo_lora" in out and "0.7500" in out
     assert (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "cpu"])
+@pytest.mark.parametrize(
+    "command, config", [("fit", "ppo"), ("fit", "dpo"), ("predict", "rollouts"), ("test", "eval")]
+)
+def test_every_phase_config_parses_with_every_strategy_file(command, config, strategy, capsys):
+    """One GPU to eight is a config change: each phase's config combined with each strategy file must be a valid
+    command line (parsed, not run: the strategies need GPUs)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", str(ROOT / f"configs/{config}.yaml"),
+              "--config", str(ROOT / f"configs/strategy/{strategy}.yaml"), "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "class_path: lightning.pytorch.strategies" in capsys.readouterr().out or strategy in ("single", "cpu")
