@@ -203,11 +203,13 @@ class DPOModule(LoRATrainingModule):
             )
         started = time.perf_counter()
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        shard = self._reference_rows(data.all_pairs[rank::world_size], data.hparams.batch_size)
-        # Shards differ in length by at most one; pad to equal size (index -1) for all_gather.
+        pairs = data.all_pairs[rank::world_size]
+        # Shards differ in length by at most one. Every rank scores the same number of pairs (repeating one, index
+        # -1), so all_gather gets equal sizes and sharded (FSDP) weights are gathered in the same forward passes.
         width = math.ceil(len(data.all_pairs) / world_size)
-        padding = shard.new_full((width - shard.shape[0], 3), -1.0)
-        rows = self.all_gather(torch.cat([shard, padding])).reshape(-1, 3).cpu()
+        shard = self._in_root_forward("_reference_rows", pairs + data.all_pairs[:1] * (width - len(pairs)), data.hparams.batch_size)
+        shard[len(pairs) :, 0] = -1
+        rows = self.all_gather(shard).reshape(-1, 3).cpu()
         rows = rows[rows[:, 0] >= 0]
         logps = torch.full((int(rows[:, 0].max()) + 1, 2), float("nan"))
         logps[rows[:, 0].long()] = rows[:, 1:].float()
@@ -215,6 +217,14 @@ class DPOModule(LoRATrainingModule):
             _save_atomic(logps, path)
             log.info("reference log-probs of %d pairs in %.0f s: saved %s", rows.shape[0], time.perf_counter() - started, path)
         return logps
+
+    def _in_root_forward(self, method: str, *args):
+        """Call ``self.<method>(*args)`` as Lightning calls training_step: inside the strategy's wrapped module's forward,
+        where FSDP has gathered its weights (outside it, a sharded module cannot run)."""
+        strategy = self.trainer.strategy
+        if strategy.model is self:
+            return getattr(self, method)(*args)
+        return strategy._forward_redirection(strategy.model, self, method, *args)
 
     @torch.no_grad()
     def _reference_rows(self, pairs: list[EncodedPair], batch_size: int) -> Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 
-from abel_lightning.models.generation import Completion, SamplingSettings, generate
+from abel_lightning.models.generation import Completion, SamplingSettings, generate, weights_sharded
 from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
 from abel_lightning.prompts import format_prompt
 
@@ -96,7 +96,10 @@ class PolicyModule(L.LightningModule):
 
     def _sample(self, questions, sampling, k, template) -> list[list[Completion]]:
         prompts = [q["prompt"] if template is None else format_prompt(q["question"], template) for q in questions]
-        return generate(self.policy, self.tokenizer, prompts, sampling, k, self.hparams.max_batch_rows)
+        return generate(
+            self.policy, self.tokenizer, prompts, sampling, k, self.hparams.max_batch_rows,
+            synced_gpus=weights_sharded(self._trainer),
+        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[Answered]:
         return self.answer(batch)

@@ -27,7 +27,7 @@ from abel_lightning.losses.ppo import (
     ppo_policy_loss,
     value_loss,
 )
-from abel_lightning.models.generation import SamplingSettings, generate
+from abel_lightning.models.generation import SamplingSettings, generate, weights_sharded
 from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
@@ -180,7 +180,7 @@ class PPOModule(LoRATrainingModule):
             self.sampling,
             num_samples=k,
             max_batch_rows=self.hparams.max_generation_rows,
-            synced_gpus=self._sharded,
+            synced_gpus=weights_sharded(self._trainer),
         )
         seconds = time.perf_counter() - started
         completions = [c for group in groups for c in group]
@@ -236,7 +236,7 @@ class PPOModule(LoRATrainingModule):
                     break
                 optimizer.zero_grad()
                 self.manual_backward(loss)
-                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                self.configure_gradient_clipping(optimizer, hp.max_grad_norm, "norm")
                 optimizer.step()
                 step_stats.append(record)
             if stopped_early:
@@ -247,12 +247,6 @@ class PPOModule(LoRATrainingModule):
         return summary
 
     # -- plumbing ------------------------------------------------------------------------------------------------
-
-    @property
-    def _sharded(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
