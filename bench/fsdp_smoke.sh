@@ -21,11 +21,7 @@ step() {  # step NAME COMMAND...: run an abel-lightning command, report OK or th
   else echo "FAILED  $name: $(grep -E '^(\[rank0\]: )?[A-Za-z.]*(Error|Exception)' $out/$name.log | tail -1)"; fi
 }
 loads() {  # loads BASE ADAPTER
-  python3 -c "
-import torch; from peft import PeftModel; from abel_lightning.models.loading import load_base
-m = PeftModel.from_pretrained(load_base('$1', 'bfloat16').to('cuda:0'), '$2')
-b = [p for n, p in m.named_parameters() if 'lora_B' in n]
-print('OK      $2 loads on one device:', len(b), 'LoRA B matrices, mean |B| %.2e' % torch.stack([p.float().abs().mean() for p in b]).mean().item())" 2>&1 | tail -1
+  python3 -c "from bench.models import adapter_report; print('OK     ', adapter_report('$1', '$2', 'cuda:0'))" 2>&1 | tail -1
 }
 curve() { python3 -c "import csv,glob; r=list(csv.DictReader(open(glob.glob('$1/*/version_0/metrics.csv')[0]))); print('        $2', [x['$2'][:6] for x in r if x.get('$2')])" 2>&1 | tail -1; }
 

@@ -44,3 +44,16 @@ def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def adapter_report(base: str, adapter: str, device: str) -> str:
+    """Load ``adapter`` onto ``base`` with ``PeftModel.from_pretrained`` on one device, as a user would after training
+    on several, and describe what loaded (a trained adapter has LoRA B matrices away from their zero start)."""
+    from peft import PeftModel
+
+    from abel_lightning.models.loading import load_base
+
+    model = PeftModel.from_pretrained(load_base(base, "bfloat16").to(device), adapter)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    mean = torch.stack([p.float().abs().mean() for p in lora_b]).mean().item()
+    return f"{adapter} loads on one device: {len(lora_b)} LoRA B matrices, mean |B| {mean:.2e}"

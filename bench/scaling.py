@@ -32,7 +32,7 @@ from abel_lightning.data.toy import write_toy_dataset
 from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from abel_lightning.models.loading import load_tokenizer
 from bench.dpo_step import synthetic_pairs
-from bench.models import materialize
+from bench.models import adapter_report, materialize
 
 CLI = [sys.executable, "-m", "abel_lightning.cli"]
 QUIET = ["--trainer.enable_progress_bar", "false"]
@@ -184,14 +184,7 @@ def main() -> None:
         for step, (a, b) in enumerate(zip(one["curve"], many["curve"])):
             print(f"| {step} | {a:.5f} | {b:.5f} |")
         device = "cuda" if args.accelerator == "gpu" else "cpu"
-        check = (
-            "import torch; from peft import PeftModel; from abel_lightning.models.loading import load_base;"
-            f"m = PeftModel.from_pretrained(load_base({args.model_path!r}, 'bfloat16').to({device!r}), {many['adapter']!r});"
-            "b = [p for n, p in m.named_parameters() if 'lora_B' in n];"
-            "print('adapter from {} ranks loads on one device: {} LoRA B matrices, mean |B| {:.2e}'.format("
-            f"{args.devices}, len(b), torch.stack([p.abs().mean() for p in b]).mean().item()))"
-        )
-        print(subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip())
+        print(f"from {args.devices} ranks: {adapter_report(args.model_path, many['adapter'], device)}")
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -78,8 +78,7 @@ def blurt_answers(rows: list[dict], rate: float, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for row in rows:
-        gold = row["answer"].splitlines()[-1].removeprefix("#### ")
-        guesses = [n for n in re.findall(r"\d+", row["question"]) if n != gold]
+        guesses = [n for n in re.findall(r"\d+", row["question"]) if n != extract_gold(row["answer"])]
         out.append({**row, "answer": f"#### {rng.choice(guesses)}"} if guesses and rng.random() < rate else row)
     return out
 

@@ -6,12 +6,10 @@ import torch
 
 from abel_lightning.models.fsdp import wrap_decoder_layers_and_lora
 from abel_lightning.models.loading import LoraSettings, attach_lora
-from abel_lightning.models.tiny import random_model
+from abel_lightning.models.tiny import build_tokenizer, random_model
 
 
-def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix(tmp_path):
-    from abel_lightning.models.tiny import build_tokenizer
-
+def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
     tokenizer = build_tokenizer(["Tom has 3 apples. #### 3"] * 4, 300)
     model = attach_lora(random_model("tiny-llama", tokenizer).to(torch.bfloat16), LoraSettings(r=4, alpha=8), None,
                         trainable=True)
