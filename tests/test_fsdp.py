@@ -1,12 +1,24 @@
-"""FSDP's units for a LoRA model: every flat tensor FSDP builds must hold one dtype."""
+"""FSDP: its units for a LoRA model, and training under it, which must give the adapter DDP gives."""
 
 from __future__ import annotations
 
-import torch
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_dpo_module import make_adapter, write_pairs
+
+from abel_lightning.data.toy import write_toy_dataset
 from abel_lightning.models.fsdp import wrap_decoder_layers_and_lora
-from abel_lightning.models.loading import LoraSettings, attach_lora
+from abel_lightning.models.loading import LoraSettings, attach_lora, load_base
 from abel_lightning.models.tiny import build_tokenizer, random_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
@@ -21,3 +33,73 @@ def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     assert wrap_decoder_layers_and_lora(model, True, 0)  # FSDP asks before recursing: always go in
+
+
+# -- FSDP against DDP, two CPU processes each, through the CLI ----------------------------------------------------
+
+FSDP_ON_CPU = Path(__file__).with_name("cpu_fsdp.py")
+
+
+def run_cli(config: str, strategy: str, out: Path, *args: str) -> Path:
+    """``abel-lightning fit`` on 2 gloo processes; returns the adapter folder it saved."""
+    command = [
+        sys.executable, "-m", "abel_lightning.cli", "fit", "--config", config, "--config", strategy,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks.init_args.dirpath", str(out / "adapter"), "--trainer.logger.init_args.save_dir", str(out),
+        *args,
+    ]
+    env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "MEMBER: 2/2" in run.stderr
+    return out / "adapter"
+
+
+@pytest.fixture(scope="module")
+def cpu_fsdp_strategy(tmp_path_factory) -> str:
+    """configs/strategy/fsdp.yaml with its strategy class swapped for the CPU shim, nothing else changed."""
+    text = (REPO / "configs/strategy/fsdp.yaml").read_text()
+    assert "lightning.pytorch.strategies.FSDPStrategy" in text
+    path = tmp_path_factory.mktemp("strategy") / "fsdp_cpu.yaml"
+    path.write_text(text.replace("lightning.pytorch.strategies.FSDPStrategy", "cpu_fsdp.CPUFSDPStrategy"))
+    return str(path)
+
+
+def phase_args(phase: str, tiny_model: str, tmp_path: Path) -> tuple[str, str, list[str]]:
+    """The phase's tiny config, its base model, and the arguments that make it a short run."""
+    if phase == "ppo":  # the shipped toy base, which gets some toy problems right; GAE trains the value head too
+        toy = write_toy_dataset(tmp_path / "toy", n_train=32, n_test=1)["train"]
+        return str(REPO / "configs/tiny/ppo.yaml"), "builtin:toy", [
+            "--model.init_args.advantage", "gae", "--model.init_args.target_kl", "null",
+            "--model.init_args.minibatch_size", "8", "--data.init_args.dataset", str(toy.parent),
+            "--data.init_args.n_samples", "8", "--data.init_args.batch_size", "4", "--trainer.max_steps", "8",
+        ]
+    # From a starting adapter with a frozen copy as the reference: two adapters in the sharded model.
+    start = make_adapter(tiny_model, tmp_path / "start")
+    return str(REPO / "configs/tiny/dpo.yaml"), tiny_model, [
+        "--model.init_args.model", tiny_model, "--model.init_args.adapter", str(start), "--model.init_args.reference",
+        "adapter", "--model.init_args.learning_rate", "1e-2", "--data.init_args.pairs",
+        str(write_pairs(tmp_path / "pairs.jsonl", 16)), "--data.init_args.rollouts", "null",
+        "--data.init_args.val_fraction", "0", "--trainer.max_steps", "2",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["ppo", "dpo"])
+def test_fsdp_trains_the_adapter_ddp_trains_and_saves_it_for_one_device(phase, tiny_model, cpu_fsdp_strategy, tmp_path):
+    config, model, args = phase_args(phase, tiny_model, tmp_path)
+    ddp = run_cli(config, str(REPO / "configs/strategy/ddp.yaml"), tmp_path / "ddp", *args)
+    fsdp = run_cli(config, cpu_fsdp_strategy, tmp_path / "fsdp", *args)
+
+    sharded, replicated = (load_file(folder / "adapter_model.safetensors") for folder in (fsdp, ddp))
+    assert sorted(sharded) == sorted(replicated) and any("lora_B" in k for k in sharded)
+    assert any(sharded[k].abs().max() > 0 for k in sharded if "lora_B" in k)  # it trained
+    for key in sharded:
+        torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-4, atol=1e-6)
+    if phase == "ppo":
+        torch.testing.assert_close(load_file(fsdp / "value_head.safetensors"), load_file(ddp / "value_head.safetensors"))
+    # The adapter saved under FSDP loads on the plain base, on one device, and changes its output.
+    base = load_base(model, "float32")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    before = base(ids).logits
+    assert not torch.allclose(PeftModel.from_pretrained(base, str(fsdp))(ids).logits, before)

@@ -55,14 +55,6 @@ class Completion:
         return len(self.response_ids) - int(self.finished)
 
 
-def weights_sharded(trainer) -> bool:
-    """Whether ``trainer`` shards the model's weights over ranks (FSDP): then every rank must run the same number of
-    forward passes while generating (``synced_gpus``), or their all-gathers stop matching and the ranks hang."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
-
-
 @torch.no_grad()
 def generate(
     model,

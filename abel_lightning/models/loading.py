@@ -7,6 +7,7 @@ the adapter disabled, so no second copy of the weights is ever held.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,12 +144,33 @@ def attach_lora(
 def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path, state_dict=None) -> Path:
     """Write a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer files).
 
-    ``state_dict`` (the adapter's weights under the PEFT model's own names) lets a caller that gathered sharded
+    ``state_dict`` (the model's weights under the PEFT model's own names) lets a caller that gathered sharded
     weights, as under FSDP, save them without touching the sharded module.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and any(FSDP_WRAPPER in name for name, _ in model.named_modules()):
+        model = _unwrapped_skeleton(model)
     # Only the trained adapter: a module may hold others (DPO's frozen reference copy) that are not its output.
     model.save_pretrained(folder, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The attribute FSDP wraps each unit's module under; it appears inside module names (``layers.0._fsdp_wrapped_module``).
+FSDP_WRAPPER = "_fsdp_wrapped_module"
+
+
+def _unwrapped_skeleton(model: PeftModel) -> PeftModel:
+    """The same PEFT model (base architecture, every adapter) on the meta device, without FSDP's wrappers.
+
+    PEFT picks a state dict's adapter entries by the module names of the model it saves, and FSDP inserts segments
+    into those names (PEFT 0.21 strips only a leading one), so saving through the wrapped model finds no weights.
+    """
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(copy.deepcopy(model.base_model.model.config))
+        configs = {name: copy.deepcopy(config) for name, config in model.peft_config.items()}
+        skeleton = get_peft_model(base, configs.pop(TRAINED_ADAPTER))
+        for name, config in configs.items():
+            skeleton.add_adapter(name, config)
+    return skeleton

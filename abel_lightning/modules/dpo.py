@@ -31,6 +31,7 @@ from abel_lightning.data.preferences import EncodedPair, PreferenceBatch, Prefer
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOOutput, dpo_loss
 from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
+from abel_lightning.modules.sharding import in_wrapped_forward
 from abel_lightning.modules.trainable import LoRATrainingModule
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,8 @@ class DPOModule(LoRATrainingModule):
         # Shards differ in length by at most one. Every rank scores the same number of pairs (repeating one, index
         # -1), so all_gather gets equal sizes and sharded (FSDP) weights are gathered in the same forward passes.
         width = math.ceil(len(data.all_pairs) / world_size)
-        shard = self._in_root_forward("_reference_rows", pairs + data.all_pairs[:1] * (width - len(pairs)), data.hparams.batch_size)
+        padded = pairs + data.all_pairs[:1] * (width - len(pairs))
+        shard = in_wrapped_forward(self.trainer, self, lambda: self._reference_rows(padded, data.hparams.batch_size))
         shard[len(pairs) :, 0] = -1
         rows = self.all_gather(shard).reshape(-1, 3).cpu()
         rows = rows[rows[:, 0] >= 0]
@@ -217,14 +219,6 @@ class DPOModule(LoRATrainingModule):
             _save_atomic(logps, path)
             log.info("reference log-probs of %d pairs in %.0f s: saved %s", rows.shape[0], time.perf_counter() - started, path)
         return logps
-
-    def _in_root_forward(self, method: str, *args):
-        """Call ``self.<method>(*args)`` as Lightning calls training_step: inside the strategy's wrapped module's forward,
-        where FSDP has gathered its weights (outside it, a sharded module cannot run)."""
-        strategy = self.trainer.strategy
-        if strategy.model is self:
-            return getattr(self, method)(*args)
-        return strategy._forward_redirection(strategy.model, self, method, *args)
 
     @torch.no_grad()
     def _reference_rows(self, pairs: list[EncodedPair], batch_size: int) -> Tensor:

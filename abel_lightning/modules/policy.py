@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import lightning as L
 
-from abel_lightning.models.generation import Completion, SamplingSettings, generate, weights_sharded
+from abel_lightning.models.generation import Completion, SamplingSettings, generate
 from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
+from abel_lightning.modules.sharding import weights_sharded
 from abel_lightning.prompts import format_prompt
 
 

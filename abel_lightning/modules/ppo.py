@@ -27,10 +27,11 @@ from abel_lightning.losses.ppo import (
     ppo_policy_loss,
     value_loss,
 )
-from abel_lightning.models.generation import SamplingSettings, generate, weights_sharded
+from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
+from abel_lightning.modules.sharding import in_wrapped_forward, weights_sharded
 from abel_lightning.modules.trainable import LoRATrainingModule
 from abel_lightning.rewards import get_reward
 
@@ -212,16 +213,11 @@ class PPOModule(LoRATrainingModule):
         stopped_early = False
         for _ in range(hp.ppo_epochs):
             for rows_mb in torch.randperm(rows, device=self.device).split(hp.minibatch_size):
-                minibatch = rollout.select(rows_mb)
-                mask = minibatch.response_mask
-                out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
-                loss, stats = ppo_policy_loss(out.logprobs, old_logprobs[rows_mb], advantages[rows_mb], mask, hp.clip_range)
-                record = {"policy_loss": loss.detach(), "clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl}
-                if self.uses_critic:
-                    values = self.value_head(out.hidden)
-                    v_loss, v_clip = value_loss(values, old_values[rows_mb], returns[rows_mb], mask, hp.clip_range_value)
-                    loss = loss + hp.vf_coef * v_loss
-                    record |= {"value_loss": v_loss.detach(), "value_clip_fraction": v_clip}
+                loss, record = in_wrapped_forward(
+                    self.trainer,
+                    self,
+                    lambda: self.minibatch_loss(rollout, rows_mb, old_logprobs, old_values, advantages, returns),
+                )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite PPO loss at iteration {self.trainer.fit_loop.total_batch_idx}: the last good "
@@ -230,7 +226,7 @@ class PPOModule(LoRATrainingModule):
                     )
                 # Checked before stepping, as in Stable-Baselines3: a minibatch that finds the policy already too far
                 # from the one that sampled is not applied. All ranks decide on the mean KL, so they stop together.
-                approx_kl = self.trainer.strategy.reduce(stats.approx_kl.detach(), reduce_op="mean")
+                approx_kl = self.trainer.strategy.reduce(record["approx_kl"], reduce_op="mean")
                 if hp.target_kl is not None and approx_kl > hp.target_kl:
                     stopped_early = True
                     break
@@ -245,6 +241,22 @@ class PPOModule(LoRATrainingModule):
         summary = {key: torch.stack([s[key] for s in step_stats]).mean() for key in step_stats[0]}
         summary["update_steps"] = float(len(step_stats))
         return summary
+
+    def minibatch_loss(self, rollout: SequenceBatch, rows: torch.Tensor, old_logprobs, old_values, advantages, returns):
+        """The clipped policy loss (plus ``vf_coef`` times the clipped value loss) of the rollout's ``rows``, and its
+        stats; ``old_values`` and ``returns`` are None without a critic."""
+        hp = self.hparams
+        minibatch = rollout.select(rows)
+        mask = minibatch.response_mask
+        out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
+        loss, stats = ppo_policy_loss(out.logprobs, old_logprobs[rows], advantages[rows], mask, hp.clip_range)
+        record = {"policy_loss": loss.detach(), "clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl.detach()}
+        if self.uses_critic:
+            values = self.value_head(out.hidden)
+            v_loss, v_clip = value_loss(values, old_values[rows], returns[rows], mask, hp.clip_range_value)
+            loss = loss + hp.vf_coef * v_loss
+            record |= {"value_loss": v_loss.detach(), "value_clip_fraction": v_clip}
+        return loss, record
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 

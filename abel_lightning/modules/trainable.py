@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from abel_lightning.models.generation import weights_sharded
 from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
+from abel_lightning.modules.sharding import unwrapped_name, weights_sharded
 
 POLICY_PREFIX = "policy."
 
@@ -81,7 +81,7 @@ class LoRATrainingModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def export_adapter(self, folder: str | Path, state_dict: dict) -> Path:
