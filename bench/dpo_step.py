@@ -11,6 +11,7 @@ pairs of ``--prompt-tokens`` + ``--response-tokens``. The reference log-probs ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import tempfile
 import time
@@ -50,7 +51,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=160)
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peft-input-casts", action="store_true",
+                        help="the baseline: PEFT casts each LoRA input to float32 under autocast (as before 2026-11-25)")
     args = parser.parse_args()
+    if args.peft_input_casts:
+        import abel_lightning.models.sequences as sequences
+
+        sequences.disable_input_dtype_casting = lambda model, active: contextlib.nullcontext()
 
     from abel_lightning.modules.dpo import DPOModule
 
@@ -81,8 +88,9 @@ def main() -> None:
     # (A 4-bit base packs two weights per element, so its count, and MFU, would be wrong: not shown.)
     mfu = f"{6 * parameters * tokens_per_s / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
     checkpointing = "on" if args.gradient_checkpointing else "off"
-    print("\n| base | pairs/step | gradient checkpointing | tokens/s | s/step | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
-    print(f"| {label} | {args.batch_size} | {checkpointing} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} "
+    casts = "PEFT's" if args.peft_input_casts else "autocast's"
+    print("\n| base | pairs/step | gradient checkpointing | LoRA input casts | tokens/s | s/step | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
+    print(f"| {label} | {args.batch_size} | {checkpointing} | {casts} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} "
           f"| {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
     print(f"{args.batch_size} pairs/step, about {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
           f"bf16 matmul peak measured {peak:.0f} TFLOP/s; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# FSDP through the CLI with configs/strategy/fsdp.yaml on the GPUs there are (FSDP_DEVICES, default 1): PPO, DPO,
+# FSDP through the CLI with configs/strategy/fsdp.yaml on FSDP_DEVICES GPUs (default 2: on one, FSDP shards nothing and training refuses to start): PPO, DPO,
 # rollouts and evaluation on the toy base (needs runs/tiny from `abel-lightning pipeline`), DPO on a random-weight
 # Mistral-7B; every adapter saved under FSDP is then loaded with PeftModel.from_pretrained on one device.
 # Each step reports OK or FAILED with its last error line, and the script goes on.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-n=${FSDP_DEVICES:-1}
+n=${FSDP_DEVICES:-2}
 out=/tmp/fsdp
 rm -rf $out && mkdir -p $out
 fsdp="--config configs/strategy/fsdp.yaml --trainer.devices $n --trainer.enable_progress_bar false"

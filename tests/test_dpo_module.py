@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM
 from abel_lightning.data.preferences import PreferenceDataModule, collate_pairs, encode_response, held_out_questions
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.loading import ALL_PROJECTIONS, load_base, load_tokenizer, save_adapter
-from abel_lightning.models.sequences import sequence_logprobs
+from abel_lightning.models.loading import LoraSettings, attach_lora
+from abel_lightning.models.sequences import pack, sequence_logprobs
 from abel_lightning.modules.dpo import DPOModule
 
 # Easy pairs a tiny random model learns in a few steps: whatever the question, "#### 7" beats "#### 3".
@@ -289,3 +290,41 @@ def ddp_worker() -> None:
 
 if __name__ == "__main__":
     ddp_worker()
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(tiny_model, gradient_checkpointing):
+    """bf16-mixed training: autocast, not PEFT, casts LoRA inputs; that must give PEFT's numbers exactly, and the
+    forward recomputed by checkpointing (outside response_forward's context) must match the one it saved."""
+    from peft.helpers import disable_input_dtype_casting
+
+    import abel_lightning.models.sequences as sequences
+
+    batch = pack([[1, 5, 7], [2, 9]], [[4, 6, 8, 10], [3, 11]], pad_id=0)
+
+    def logprobs_and_grads(peft_casts: bool):
+        torch.manual_seed(0)  # the same LoRA A initialisation
+        policy = attach_lora(load_base(tiny_model, "bfloat16"), LoraSettings(r=4, alpha=8), None, trainable=True,
+                             gradient_checkpointing=gradient_checkpointing)
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0.0, 0.1, generator=generator)
+        policy.train()
+        original = sequences.disable_input_dtype_casting
+        if peft_casts:
+            sequences.disable_input_dtype_casting = lambda model, active: disable_input_dtype_casting(model, False)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logprobs = sequence_logprobs(policy, batch)
+            logprobs.sum().backward()
+        finally:
+            sequences.disable_input_dtype_casting = original
+        return logprobs, {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+
+    ours, our_grads = logprobs_and_grads(peft_casts=False)
+    peft, peft_grads = logprobs_and_grads(peft_casts=True)
+    torch.testing.assert_close(ours, peft, rtol=0, atol=0)
+    assert our_grads.keys() == peft_grads.keys() and len(our_grads) > 0
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], peft_grads[name], rtol=0, atol=0)

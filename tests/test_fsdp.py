@@ -103,3 +103,18 @@ def test_fsdp_trains_the_adapter_ddp_trains_and_saves_it_for_one_device(phase, t
     ids = torch.tensor([[1, 5, 9, 13]])
     before = base(ids).logits
     assert not torch.allclose(PeftModel.from_pretrained(base, str(fsdp))(ids).logits, before)
+
+
+def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_model, cpu_fsdp_strategy, tmp_path):
+    command = [
+        sys.executable, "-m", "abel_lightning.cli", "fit", "--config", str(REPO / "configs/tiny/dpo.yaml"), "--config",
+        cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--model.init_args.model",
+        tiny_model, "--model.init_args.adapter", "null", "--data.init_args.pairs", str(write_pairs(tmp_path / "p.jsonl")),
+        "--data.init_args.rollouts", "null", "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]
+    env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent)}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0
+    assert "needs 2 or more devices" in run.stderr and "configs/strategy/ddp.yaml" in run.stderr
+    assert not (tmp_path / "adapter").exists()

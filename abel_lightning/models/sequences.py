@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import Tensor
 
 from abel_lightning.models.generation import Completion
@@ -75,14 +76,20 @@ class ForwardOutput:
 
 def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with_hidden: bool = False) -> ForwardOutput:
     """One forward pass: log-probs (of logits / ``temperature``, the distribution that was sampled), entropy, and
-    optionally hidden states, over the response tokens only."""
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        output_hidden_states=with_hidden,
-        use_cache=False,
-    )
+    optionally hidden states, over the response tokens only.
+
+    Under autocast (bf16-mixed), LoRA layers take their inputs as they come and autocast casts them once: PEFT would
+    first cast the bf16 activations to the float32 of the LoRA weights and autocast would cast them straight back,
+    two copies of every LoRA layer's input in the forward and two in the backward (docs/PERFORMANCE.md measures them).
+    """
+    with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(batch.input_ids.device.type)):
+        output = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=with_hidden,
+            use_cache=False,
+        )
     start = batch.prompt_width - 1
     width = batch.response_mask.shape[1]
     logits = output.logits[:, start : start + width].float()

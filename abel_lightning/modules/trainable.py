@@ -38,6 +38,16 @@ class LoRATrainingModule(L.LightningModule):
         # Checkpoints carry trainable weights only; the frozen base comes from `model` again.
         self.strict_loading = False
 
+    def setup(self, stage: str) -> None:
+        if weights_sharded(self.trainer) and self.trainer.world_size == 1:
+            # FSDP then runs as NO_SHARD, where PyTorch leaves frozen weights unregistered after a step: the run
+            # would train, then fail to save its adapter (and a tied-embedding model fails in its first step).
+            raise ValueError(
+                "the FSDP strategy (configs/strategy/fsdp.yaml) needs 2 or more devices: on one it shards nothing, "
+                "and PyTorch's FSDP cannot then save the LoRA weights. Set --trainer.devices to 2 or more, or use "
+                "configs/strategy/ddp.yaml, or no strategy file, on one device"
+            )
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return

@@ -1,0 +1,208 @@
+"""Where the GPU time of a rollout decode step and of a DPO step goes, measured with the PyTorch profiler: the kernel
+time per step by kind (matrix products, attention, copies and casts, the rest), what each kind achieves (bytes/s
+for decoding, which is bound by memory; FLOP/s for training, which is bound by compute), and the share of the wall
+time no kernel runs (launch and host overhead).
+
+    python bench/gpu_profile.py decode --model mistral-7b-random --rows 256
+    python bench/gpu_profile.py dpo --model mistral-7b-random --batch-size 2
+
+decode: the engine eagerly (kernel by kernel; a CUDA graph runs the same kernels), ``--steps`` decode steps measured
+as the difference of two calls that share the prefill, so the prefill cancels out; the wall time per step is that of
+the CUDA-graph engine, measured the same way. dpo: DPOModule through Lightning's Trainer (bf16-mixed), profiling two
+steps after three of warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.models import gib, materialize, matmul_tflops
+
+KINDS = ("matmul", "attention", "copy/cast", "other")
+
+
+def kind(kernel: str) -> str:
+    name = kernel.lower()
+    if any(k in name for k in ("fmha", "flash", "attention", "attn")):
+        return "attention"
+    if any(k in name for k in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas")):
+        return "matmul"
+    if any(k in name for k in ("copy", "cast", "convert")):
+        return "copy/cast"
+    return "other"
+
+
+def kernel_seconds(run) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU kernel seconds of ``run()`` by kind, and the ten costliest kernels."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds = event.self_device_time_total / 1e6
+        if seconds > 0:
+            by_kind[kind(event.key)] += seconds
+            by_kernel[event.key] += seconds
+    return by_kind, dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10])
+
+
+def wall_seconds(run) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def print_table(per_step: dict[str, float], wall: float, work: dict[str, str], top: dict[str, float], steps: int) -> None:
+    print("\n| kernels | ms/step | share of wall | achieves |\n|---|---|---|---|")
+    for name in KINDS:
+        print(f"| {name} | {1e3 * per_step.get(name, 0):.2f} | {per_step.get(name, 0) / wall:.0%} | {work.get(name, '')} |")
+    idle = wall - sum(per_step.values())
+    print(f"| no kernel running | {1e3 * idle:.2f} | {idle / wall:.0%} | |")
+    print(f"| wall | {1e3 * wall:.2f} | 100% | |")
+    print("\ncostliest kernels (ms/step):")
+    for name, seconds in top.items():
+        print(f"  {1e3 * seconds / steps:8.3f}  {kind(name):10s} {name[:110]}")
+
+
+def decode(args) -> None:
+    from peft import get_peft_model
+
+    from abel_lightning.models import decode_engine as engine_module
+    from abel_lightning.models.generation import SamplingSettings, generate
+    from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
+    from bench.rollout import copy_bandwidth, prompts_of
+
+    engine_module.KV_BUCKET = args.kv_bucket
+    path = materialize(args.model)
+    tokenizer = load_tokenizer(path)
+    model = get_peft_model(load_base(path, "bfloat16").cuda(), LoraSettings().to_peft()).eval().merge_and_unload()
+    questions = args.rows // args.samples
+    prompts = prompts_of(tokenizer, questions, args.prompt_tokens)
+    width = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+
+    def call(new_tokens: int, graphs: bool):
+        settings = SamplingSettings(temperature=0.7, top_p=0.95, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    engine="static", cuda_graphs=graphs)
+        return lambda: generate(model, tokenizer, prompts, settings, args.samples)
+
+    short, long = args.skip, args.skip + args.steps
+    for graphs in (True, False):  # warm-up: capture the graphs, pick the kernels
+        call(long, graphs)()
+    wall = (wall_seconds(call(long, True)) - wall_seconds(call(short, True))) / args.steps
+    eager_wall = (wall_seconds(call(long, False)) - wall_seconds(call(short, False))) / args.steps
+    long_kinds, top = kernel_seconds(call(long, False))
+    short_kinds, _ = kernel_seconds(call(short, False))
+    per_step = {k: (long_kinds.get(k, 0) - short_kinds.get(k, 0)) / args.steps for k in KINDS}
+
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # keys + values, bf16
+    slots = range(width + short - 1, width + long - 1)  # the cache slot each measured step writes
+    context = sum(s + 1 for s in slots) / len(slots)
+    read = sum(engine_module._bucket(s) for s in slots) / len(slots)  # slots attention reads: its whole bucket
+    bandwidth = copy_bandwidth()
+    kv_bytes = slot_bytes * args.rows * read
+    limit_step = (weight_bytes + slot_bytes * args.rows * context) / bandwidth
+    work = {
+        "matmul": f"{weight_bytes / per_step['matmul'] / 1e12:.2f} TB/s reading {weight_bytes / 1e9:.1f} GB of weights",
+        "attention": f"{kv_bytes / per_step['attention'] / 1e12:.2f} TB/s reading {kv_bytes / 1e9:.1f} GB of KV "
+        f"({read:.0f} slots a row, {context:.0f} in use)",
+    }
+    print(f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, KV bucket {args.kv_bucket}; "
+          f"device-to-device copy {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}")
+    print_table(per_step, wall, work, top, long)
+    print(f"\nbandwidth limit {1e3 * limit_step:.2f} ms/step (weights + KV in use at the copy rate): CUDA-graph engine at "
+          f"{limit_step / wall:.0%} of it ({args.rows / wall:,.0f} tokens/s); eager {1e3 * eager_wall:.2f} ms/step")
+
+
+def dpo(args) -> None:
+    import lightning as L
+
+    from abel_lightning.data.preferences import PreferenceDataModule
+    from abel_lightning.jsonl import write_jsonl_atomic
+    from abel_lightning.models.loading import load_tokenizer
+    from abel_lightning.modules.dpo import DPOModule
+    from bench.dpo_step import synthetic_pairs
+
+    class Profiled(L.Callback):
+        """Profiles batches ``first`` to ``first + count - 1``."""
+
+        def __init__(self, first: int, count: int):
+            self.first, self.count = first, count
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == self.first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CUDA]).__enter__()
+                self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == self.first + self.count - 1:
+                torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.started
+                self.prof.__exit__(None, None, None)
+
+    work = Path(tempfile.mkdtemp())
+    path = materialize(args.model)
+    pairs = work / "pairs.jsonl"
+    steps, profiled = 5, 2
+    write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), steps * args.batch_size, args.prompt_tokens, 256))
+    module = DPOModule(model=path, adapter=None, gradient_checkpointing=False)
+    data = PreferenceDataModule(pairs=str(pairs), rollouts=None, batch_size=args.batch_size, val_fraction=0.0)
+    callback = Profiled(first=steps - profiled, count=profiled)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    trainer.fit(module, data)
+    by_kind: dict[str, float] = defaultdict(float)
+    top: dict[str, float] = defaultdict(float)
+    for event in callback.prof.key_averages():
+        by_kind[kind(event.key)] += event.self_device_time_total / 1e6
+        top[event.key] += event.self_device_time_total / 1e6
+    per_step = {k: v / profiled for k, v in by_kind.items()}
+    wall = callback.wall / profiled
+    tokens = 2 * args.batch_size * (args.prompt_tokens + 256)
+    parameters = sum(p.numel() for p in module.policy.parameters())
+    flop = 6 * parameters * tokens
+    peak = matmul_tflops()
+    work = {"matmul": f"{flop / per_step['matmul'] / 1e12:.0f} TFLOP/s of the 6·N·tokens count ({peak:.0f} measured peak)"}
+    print(f"\nDPO step, {args.batch_size} pairs ({tokens} tokens), bf16-mixed, no gradient checkpointing: "
+          f"MFU {flop / wall / 1e12 / peak:.0%}; peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; "
+          f"{torch.cuda.get_device_name()}")
+    print_table(per_step, wall, work, dict(sorted(top.items(), key=lambda kv: -kv[1])[:10]), profiled)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("decode")
+    p.add_argument("--model", default="mistral-7b-random")
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=160)
+    p.add_argument("--skip", type=int, default=65, help="steps before the measured ones (prefill included)")
+    p.add_argument("--steps", type=int, default=128, help="measured steps; the defaults center them on the rollout "
+                   "bench's mean context (160 + 256 / 2 tokens)")
+    p.add_argument("--kv-bucket", type=int, default=128)
+    p.set_defaults(fn=decode)
+    p = sub.add_parser("dpo")
+    p.add_argument("--model", default="mistral-7b-random")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=160)
+    p.set_defaults(fn=dpo)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
