@@ -52,6 +52,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Cache slots are allocated, and graphs captured, in multiples of this; a step attends over the smallest multiple
 # that holds its context, so early steps read less cache.
 KV_BUCKET = 128
+# RMSNorm modules whose forward :func:`_rms_norm` computes in one kernel.
+FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 # The host asks whether every row is done once per this many steps: at most this many steps are wasted at the end.
 CHECK_EVERY = 16
 # Eager steps before a capture: the first calls of cuBLAS and the attention kernels allocate workspaces and pick
@@ -101,6 +103,15 @@ def sample_tokens(logits: Tensor, greedy: bool, temperature: Tensor, top_p: Tens
     # An exact zero from the exponential would turn 0/0 into NaN, which argmax prefers to anything.
     race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(-1)
+
+
+def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(x)`` for the RMSNorm of Llama, Mistral and Qwen2 (``weight * (x / rms(x))``, in float32 then cast back)
+    in one fused kernel instead of their eight small ones: a decode step runs 65 norms, and at these sizes each kernel
+    costs its launch, not its bytes."""
+    if type(norm).__name__ not in FUSABLE_NORMS:
+        return norm(x)
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
 
 
 def _attention_bias(mask: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
@@ -369,7 +380,7 @@ class DecodeEngine:
         bias = _attention_bias(mask, config.num_attention_heads // config.num_key_value_heads, hidden.dtype)
         for index, layer in enumerate(body.layers[: config.num_hidden_layers]):
             attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
+            x = _rms_norm(layer.input_layernorm, hidden)
             shape = (*x.shape[:2], -1, attention.head_dim)
             query = attention.q_proj(x).view(shape).transpose(1, 2)
             keys = attention.k_proj(x).view(shape).transpose(1, 2)
@@ -378,8 +389,8 @@ class DecodeEngine:
             keys, values = store(index, keys, values)
             out = _attend(query, keys, values, bias, attention.scaling)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return model.lm_head(body.norm(hidden[:, -1:]))[:, -1].float()
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        return model.lm_head(_rms_norm(body.norm, hidden[:, -1:]))[:, -1].float()
 
     def _prefill(self, model, workspace, input_ids, attention_mask, num_samples, settings, mode: _Mode) -> None:
         """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token."""
