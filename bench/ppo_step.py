@@ -20,9 +20,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from abel_lightning.data.gsm8k import GSM8KDataModule
 from abel_lightning.data.toy import write_toy_dataset
+from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.generation import SamplingSettings
 from abel_lightning.modules.ppo import PPOModule
-from bench.models import gib, materialize
+from abel_lightning.prompts import format_prompt
+from bench.models import gib, materialize, matmul_tflops
 
 
 def main() -> None:
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help="sampling.engine")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp())
@@ -43,6 +46,7 @@ def main() -> None:
         sampling=SamplingSettings(temperature=0.7, max_new_tokens=args.new_tokens, engine=args.engine),
         minibatch_size=args.questions,
         target_kl=None,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     data = GSM8KDataModule(dataset=str(work / "toy"), split="train", batch_size=args.questions)
     trainer = L.Trainer(
@@ -54,10 +58,21 @@ def main() -> None:
     rows = [r for r in csv.DictReader(next(work.rglob("metrics.csv")).open()) if r.get("reward")][1:]
     mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
     label = args.quantization or "bf16"
-    print("\n| base | engine | generation s | tokens/s | scoring s | update s (4 epochs) | peak GiB |\n|---|---|---|---|---|---|---|")
-    print(f"| {label} | {args.engine} | {mean('generation_seconds'):.1f} | {mean('generation_tokens_per_s'):,.0f} | "
-          f"{mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
-    print(f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, gradient checkpointing, "
+    # The update's rate and MFU as issue 7 counts it (6 x parameters FLOP per token): every epoch runs each row's
+    # prompt and response once more.
+    prompts = [format_prompt(q["question"]) for q in read_jsonl(work / "toy" / "train.jsonl")]
+    prompt_tokens = sum(len(ids) for ids in module.tokenizer(prompts)["input_ids"]) / len(prompts)
+    tokens = args.questions * (prompt_tokens + mean("response_length")) * module.hparams.ppo_epochs
+    update_rate = tokens / mean("update_seconds")
+    parameters = sum(p.numel() for p in module.policy.parameters())
+    mfu = f"{6 * parameters * update_rate / 1e12 / matmul_tflops():.0%}" if args.quantization is None else "n/a"
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    print("\n| base | engine | gradient checkpointing | generation s | tokens/s | scoring s | update s (4 epochs) "
+          "| update tokens/s | update MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {label} | {args.engine} | {checkpointing} | {mean('generation_seconds'):.1f} | "
+          f"{mean('generation_tokens_per_s'):,.0f} | {mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | "
+          f"{update_rate:,.0f} | {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
+    print(f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, prompts of {prompt_tokens:.0f} tokens, "
           f"means over {len(rows)} iterations after a warm-up; {torch.cuda.get_device_name()}")
 
 

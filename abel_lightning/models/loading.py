@@ -17,6 +17,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from abel_lightning.models.fsdp import FSDP_WRAPPER
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -155,10 +157,6 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: s
     model.save_pretrained(folder, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-# The attribute FSDP wraps each unit's module under; it appears inside module names (``layers.0._fsdp_wrapped_module``).
-FSDP_WRAPPER = "_fsdp_wrapped_module"
 
 
 def _unwrapped_skeleton(model: PeftModel) -> PeftModel:

@@ -18,12 +18,6 @@ def weights_sharded(trainer: L.Trainer | None) -> bool:
     return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
 
 
-def unwrapped_name(name: str) -> str:
-    """A parameter's name as in the module's state dict: without the segments FSDP adds when it wraps a submodule
-    (``...layers.0._fsdp_wrapped_module.mlp...``), which its state dict leaves out."""
-    return name.replace("_fsdp_wrapped_module.", "")
-
-
 def in_wrapped_forward(trainer: L.Trainer, module: L.LightningModule, fn: Callable[[], T]) -> T:
     """``fn()``, run as the forward of the strategy's wrapper around ``module`` when the weights are sharded.
 
