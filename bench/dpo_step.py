@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +30,15 @@ from abel_lightning.prompts import format_prompt
 from bench.models import gib, materialize, matmul_tflops
 
 
-def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int) -> list[dict]:
+def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, vary: bool = False) -> list[dict]:
+    """``n`` pairs of ``prompt_tokens`` + ``response_tokens``; with ``vary``, each prompt and response has a length
+    drawn uniformly from half to all of that, as real pairs of unequal solutions have."""
     problems = make_problems(n * 4, seed=2)
     text = " ".join(p["answer"] for p in problems)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = lambda start, length: tokenizer.decode(ids[start : start + length])  # noqa: E731
+    rng = random.Random(0)
+    length = lambda full: rng.randint(full // 2, full) if vary else full  # noqa: E731
+    cut = lambda start, full: tokenizer.decode(ids[start : start + length(full)])  # noqa: E731
     return [
         {"question_id": f"bench/{i}", "prompt": format_prompt(cut(i * 11, prompt_tokens)),
          "chosen": cut(i * 13, response_tokens), "rejected": cut(i * 17 + 5, response_tokens),
@@ -53,7 +58,13 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peft-input-casts", action="store_true",
                         help="the baseline: PEFT casts each LoRA input to float32 under autocast (as before 2026-11-25)")
+    parser.add_argument("--vary-lengths", action="store_true", help="prompts and responses of 50-100%% of the lengths")
+    parser.add_argument("--padded", action="store_true", help="the baseline: the padded forward (before 2026-11-25)")
     args = parser.parse_args()
+    if args.padded:
+        import abel_lightning.models.sequences as sequences
+
+        sequences.PACKABLE_MODEL_TYPES = ()
     if args.peft_input_casts:
         import abel_lightning.models.sequences as sequences
 
@@ -65,7 +76,8 @@ def main() -> None:
     path = materialize(args.model)
     pairs = work / "pairs.jsonl"
     n = args.steps * args.batch_size
-    write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens))
+    write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens,
+                                              args.vary_lengths))
     module = DPOModule(
         model=path, adapter=None, quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing
     )
@@ -89,10 +101,14 @@ def main() -> None:
     mfu = f"{6 * parameters * tokens_per_s / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
     checkpointing = "on" if args.gradient_checkpointing else "off"
     casts = "PEFT's" if args.peft_input_casts else "autocast's"
-    print("\n| base | pairs/step | gradient checkpointing | LoRA input casts | tokens/s | s/step | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|")
-    print(f"| {label} | {args.batch_size} | {checkpointing} | {casts} | {tokens_per_s:,.0f} | {tokens_per_step / tokens_per_s:.2f} "
+    forward = "padded" if args.padded else "packed"
+    lengths = "50-100% of" if args.vary_lengths else "all"
+    # tokens/s counts real tokens only, so MFU credits no padding.
+    print("\n| base | pairs/step | lengths | forward | gradient checkpointing | LoRA input casts | tokens/s | MFU | peak GiB |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| {label} | {args.batch_size} | {lengths} | {forward} | {checkpointing} | {casts} | {tokens_per_s:,.0f} "
           f"| {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
-    print(f"{args.batch_size} pairs/step, about {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
+    print(f"{args.batch_size} pairs/step, up to {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
           f"bf16 matmul peak measured {peak:.0f} TFLOP/s; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "
           f"{torch.cuda.get_device_name()}")
 

@@ -74,35 +74,85 @@ class ForwardOutput:
     hidden: Tensor | None
 
 
+# Architectures whose Hugging Face attention keeps sequences that are packed into one row apart (their causal mask is
+# built from position_ids that restart at 0), so a batch can run without its padding.
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def packing_pays(real: Tensor, config) -> bool:
+    """Whether one packed row of the real tokens of ``real`` [B, T] costs fewer FLOPs than the padded batch.
+
+    Packing drops the padding but attends over the whole row: the attention kernel takes the block mask but still
+    computes every query-key pair, N^2 of them against B x T^2 padded. Per token, a layer's weights cost about
+    2 x (4 d^2 + 3 d f) FLOP (d hidden, f MLP width), and each query-key pair 4 d. With equal lengths packing never
+    pays; on the 7B DPO bench's pairs of 50-100% lengths it ran 1.65x the padded forward (docs/PERFORMANCE.md).
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    pair = 4 * d / (2 * (4 * d * d + 3 * d * f))  # one query-key pair, in units of one token through the weights
+    rows, width = real.shape
+    n = int(real.sum())
+    return n + pair * n * n < rows * width + pair * rows * width * width
+
+
 def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with_hidden: bool = False) -> ForwardOutput:
     """One forward pass: log-probs (of logits / ``temperature``, the distribution that was sampled), entropy, and
     optionally hidden states, over the response tokens only.
+
+    Padding-free where it pays (:func:`packing_pays`): the batch's real tokens run as one packed row (positions
+    restarting at each sequence, which the model's causal mask turns into one block per sequence), and the LM head and
+    the softmax run only at the positions that predict a response token. Architectures outside
+    ``PACKABLE_MODEL_TYPES`` run padded.
 
     Under autocast (bf16-mixed), LoRA layers take their inputs as they come and autocast casts them once: PEFT would
     first cast the bf16 activations to the float32 of the LoRA weights and autocast would cast them straight back,
     two copies of every LoRA layer's input in the forward and two in the backward (docs/PERFORMANCE.md measures them).
     """
+    real = batch.attention_mask.bool()
+    responses = batch.response_mask.bool()
+    start, width = batch.prompt_width - 1, responses.shape[1]
+    # The position that predicts each real response token: the last prompt token, then the response tokens before it.
+    predicting = torch.zeros_like(real)
+    predicting[:, start : start + width] = responses
+    packed = getattr(model.config, "model_type", None) in PACKABLE_MODEL_TYPES and packing_pays(real, model.config)
     with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(batch.input_ids.device.type)):
-        output = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            output_hidden_states=with_hidden,
-            use_cache=False,
-        )
-    start = batch.prompt_width - 1
-    width = batch.response_mask.shape[1]
-    logits = output.logits[:, start : start + width].float()
+        if packed:
+            keep = (real.flatten().cumsum(0) - 1).view_as(real)[predicting]  # their indices in the packed row
+            output = model(
+                input_ids=batch.input_ids[real][None],
+                position_ids=batch.position_ids[real][None],
+                logits_to_keep=keep,
+                output_hidden_states=with_hidden,
+                use_cache=False,
+            )
+            logits = output.logits[0]
+            hidden = output.hidden_states[-1][0, keep] if with_hidden else None
+        else:
+            output = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                output_hidden_states=with_hidden,
+                use_cache=False,
+            )
+            logits = output.logits[predicting]
+            hidden = output.hidden_states[-1][predicting] if with_hidden else None
+    logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
-    targets = batch.input_ids[:, start + 1 : start + 1 + width]
+    targets = batch.input_ids[:, start + 1 : start + 1 + width][responses]
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    with torch.no_grad():  # entropy is logged, never optimised: keep its [B, R, V] intermediates out of autograd
+    with torch.no_grad():  # entropy is logged, never optimised: keep its [N, V] intermediates out of autograd
         entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    hidden = output.hidden_states[-1][:, start : start + width] if with_hidden else None
-    mask = batch.response_mask
-    return ForwardOutput(logprobs * mask, entropy * mask, hidden)
+    return ForwardOutput(
+        _on_grid(logprobs, responses), _on_grid(entropy, responses), _on_grid(hidden, responses) if with_hidden else None
+    )
+
+
+def _on_grid(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` [N, ...], one per True of ``mask`` [B, R] in row-major order, laid out as [B, R, ...], 0 elsewhere."""
+    mask = mask.view(*mask.shape, *[1] * (values.dim() - 1))
+    return values.new_zeros(*mask.shape[:2], *values.shape[1:]).masked_scatter(mask, values)
 
 
 def sequence_logprobs(model, batch: SequenceBatch) -> Tensor:
