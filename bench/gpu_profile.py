@@ -54,14 +54,6 @@ def kernel_seconds(run) -> tuple[dict[str, float], dict[str, float]]:
     return by_kind, dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10])
 
 
-def wall_seconds(run) -> float:
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
 def print_table(per_step: dict[str, float], wall: float, work: dict[str, str], top: dict[str, float], steps: int) -> None:
     print("\n| kernels | ms/step | share of wall | achieves |\n|---|---|---|---|")
     for name in KINDS:
@@ -80,7 +72,7 @@ def decode(args) -> None:
     from abel_lightning.models import decode_engine as engine_module
     from abel_lightning.models.generation import SamplingSettings, generate
     from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
-    from bench.rollout import copy_bandwidth, prompts_of
+    from bench.rollout import copy_bandwidth, prompts_of, timed
 
     engine_module.KV_BUCKET = args.kv_bucket
     path = materialize(args.model)
@@ -98,8 +90,8 @@ def decode(args) -> None:
     short, long = args.skip, args.skip + args.steps
     for graphs in (True, False):  # warm-up: capture the graphs, pick the kernels
         call(long, graphs)()
-    wall = (wall_seconds(call(long, True)) - wall_seconds(call(short, True))) / args.steps
-    eager_wall = (wall_seconds(call(long, False)) - wall_seconds(call(short, False))) / args.steps
+    wall = (timed(call(long, True)) - timed(call(short, True))) / args.steps
+    eager_wall = (timed(call(long, False)) - timed(call(short, False))) / args.steps
     long_kinds, top = kernel_seconds(call(long, False))
     short_kinds, _ = kernel_seconds(call(short, False))
     per_step = {k: (long_kinds.get(k, 0) - short_kinds.get(k, 0)) / args.steps for k in KINDS}
