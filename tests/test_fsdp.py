@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from test_dpo_module import make_adapter, write_pairs
 
 from abel_lightning.data.toy import write_toy_dataset
+from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.fsdp import wrap_decoder_layers_and_lora
 from abel_lightning.models.loading import LoraSettings, attach_lora, load_base
 from abel_lightning.models.tiny import build_tokenizer, random_model
@@ -118,3 +120,28 @@ def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_
     assert run.returncode != 0
     assert "needs 2 or more devices" in run.stderr and "configs/strategy/ddp.yaml" in run.stderr
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accuracy(cpu_fsdp_strategy, tmp_path):
+    toy = write_toy_dataset(tmp_path / "toy", n_train=1, n_test=24)["test"].parent
+    accuracy, ids = {}, {}
+    for name, args in {"one": ["--trainer.devices", "1"],
+                       "fsdp": ["--config", cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]}.items():
+        out = tmp_path / name
+        command = [
+            sys.executable, "-m", "abel_lightning.cli", "test", "--config", str(REPO / "configs/tiny/eval.yaml"), *args,
+            "--data.init_args.dataset", str(toy), "--data.init_args.batch_size", "5",
+            "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
+        ]
+        env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-4000:]
+        # The accuracy the callback reduced over ranks and printed, and the one the written records give.
+        printed = re.search(r"platinum_accuracy \S+ \((\d+)/(\d+)\)", run.stdout)
+        records = read_jsonl(out / "base_platinum_eval.jsonl")
+        accuracy[name] = (int(printed[1]), int(printed[2]), sum(r["correct"] for r in records))
+        ids[name] = sorted(r["question_id"] for r in records)
+    assert ids["fsdp"] == ids["one"] and len(ids["one"]) == 24 == len(set(ids["one"]))
+    correct, answered, in_records = accuracy["one"]
+    assert accuracy["fsdp"] == accuracy["one"] and answered == 24 and correct == in_records > 0
