@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -145,3 +146,29 @@ def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accura
     assert ids["fsdp"] == ids["one"] and len(ids["one"]) == 24 == len(set(ids["one"]))
     correct, answered, in_records = accuracy["one"]
     assert accuracy["fsdp"] == accuracy["one"] and answered == 24 and correct == in_records > 0
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp_resumes_from_its_checkpoint_as_if_never_stopped(tiny_model, cpu_fsdp_strategy, tmp_path):
+    """One epoch, then a second from ``last.ckpt`` (sharded optimizer state, loop state), against two in one go."""
+    config = str(REPO / "configs/tiny/dpo.yaml")
+    args = [
+        "--model.init_args.model", tiny_model, "--model.init_args.adapter", "null", "--model.init_args.learning_rate",
+        "1e-2", "--data.init_args.pairs", str(write_pairs(tmp_path / "pairs.jsonl", 24)), "--data.init_args.rollouts",
+        "null", "--data.init_args.val_fraction", "0",
+    ]
+    straight = run_cli(config, cpu_fsdp_strategy, tmp_path / "straight", *args, "--trainer.max_epochs", "2")
+    run_cli(config, cpu_fsdp_strategy, tmp_path / "resumed", *args, "--trainer.max_epochs", "1")
+    resumed = run_cli(config, cpu_fsdp_strategy, tmp_path / "resumed", *args, "--trainer.max_epochs", "2",
+                      "--ckpt_path", str(tmp_path / "resumed/adapter/last.ckpt"))
+
+    losses = lambda folder: [row["train/global_batch_loss"] for row in logged(folder)]  # noqa: E731
+    assert losses(tmp_path / "resumed/dpo/version_1") == losses(tmp_path / "straight/dpo/version_0")[3:]
+    a, b = (load_file(folder / "adapter_model.safetensors") for folder in (straight, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def logged(folder: Path) -> list[dict]:
+    with open(folder / "metrics.csv") as file:
+        return [row for row in csv.DictReader(file) if row.get("train/global_batch_loss")]
