@@ -238,7 +238,8 @@ class PPOModule(LoRATrainingModule):
             if stopped_early:
                 break
         self.policy.eval()
-        summary = {key: torch.stack([s[key] for s in step_stats]).mean() for key in step_stats[0]}
+        # No step at all when the first minibatch already finds the policy past target_kl (every rank agrees).
+        summary = {key: torch.stack([s[key] for s in step_stats]).mean() for key in step_stats[0]} if step_stats else {}
         summary["update_steps"] = float(len(step_stats))
         return summary
 
