@@ -25,9 +25,10 @@ from lightning.pytorch.loggers import CSVLogger
 from abel_lightning.data.preferences import PreferenceDataModule
 from abel_lightning.data.toy import make_problems
 from abel_lightning.jsonl import write_jsonl_atomic
+from abel_lightning.models import sequences
 from abel_lightning.models.loading import load_tokenizer
 from abel_lightning.prompts import format_prompt
-from bench.models import gib, materialize, matmul_tflops
+from bench.models import gib, materialize, matmul_tflops, training_flop
 
 
 def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, vary: bool = False) -> list[dict]:
@@ -61,13 +62,10 @@ def main() -> None:
     parser.add_argument("--vary-lengths", action="store_true", help="prompts and responses of 50-100%% of the lengths")
     parser.add_argument("--padded", action="store_true", help="the baseline: the padded forward (before 2026-11-25)")
     args = parser.parse_args()
+    # The baselines: the code paths as they were, restored by switching this session's changes off.
     if args.padded:
-        import abel_lightning.models.sequences as sequences
-
         sequences.PACKABLE_MODEL_TYPES = ()
     if args.peft_input_casts:
-        import abel_lightning.models.sequences as sequences
-
         sequences.disable_input_dtype_casting = lambda model, active: contextlib.nullcontext()
 
     from abel_lightning.modules.dpo import DPOModule
@@ -96,9 +94,8 @@ def main() -> None:
     label = args.quantization or "bf16"
     # MFU as the issue counts it: 6 x parameters FLOP per token, over the bf16 matrix-product rate measured here.
     peak = matmul_tflops()
-    parameters = sum(p.numel() for p in module.policy.parameters())
     # (A 4-bit base packs two weights per element, so its count, and MFU, would be wrong: not shown.)
-    mfu = f"{6 * parameters * tokens_per_s / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
+    mfu = f"{training_flop(module.policy, tokens_per_s) / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
     checkpointing = "on" if args.gradient_checkpointing else "off"
     casts = "PEFT's" if args.peft_input_casts else "autocast's"
     forward = "padded" if args.padded else "packed"

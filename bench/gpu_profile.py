@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.models import gib, materialize, matmul_tflops
+from bench.models import gib, materialize, matmul_tflops, training_flop
 
 KINDS = ("matmul", "attention", "copy/cast", "other")
 
@@ -44,6 +44,11 @@ def kernel_seconds(run) -> tuple[dict[str, float], dict[str, float]]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
+    return kernel_times(prof)
+
+
+def kernel_times(prof) -> tuple[dict[str, float], dict[str, float]]:
+    """GPU kernel seconds a finished profile recorded, by kind, and its ten costliest kernels."""
     by_kind: dict[str, float] = defaultdict(float)
     by_kernel: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
@@ -72,7 +77,7 @@ def decode(args) -> None:
     from abel_lightning.models import decode_engine as engine_module
     from abel_lightning.models.generation import SamplingSettings, generate
     from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
-    from bench.rollout import copy_bandwidth, prompts_of, timed
+    from bench.rollout import copy_bandwidth, decode_bytes, prompts_of, timed
 
     engine_module.KV_BUCKET = args.kv_bucket
     path = materialize(args.model)
@@ -96,10 +101,7 @@ def decode(args) -> None:
     short_kinds, _ = kernel_seconds(call(short, False))
     per_step = {k: (long_kinds.get(k, 0) - short_kinds.get(k, 0)) / args.steps for k in KINDS}
 
-    config = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # keys + values, bf16
+    weight_bytes, slot_bytes = decode_bytes(model)
     slots = range(width + short - 1, width + long - 1)  # the cache slot each measured step writes
     context = sum(s + 1 for s in slots) / len(slots)
     read = sum(engine_module._bucket(s) for s in slots) / len(slots)  # slots attention reads: its whole bucket
@@ -156,22 +158,17 @@ def dpo(args) -> None:
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
     trainer.fit(module, data)
-    by_kind: dict[str, float] = defaultdict(float)
-    top: dict[str, float] = defaultdict(float)
-    for event in callback.prof.key_averages():
-        by_kind[kind(event.key)] += event.self_device_time_total / 1e6
-        top[event.key] += event.self_device_time_total / 1e6
+    by_kind, top = kernel_times(callback.prof)
     per_step = {k: v / profiled for k, v in by_kind.items()}
     wall = callback.wall / profiled
     tokens = 2 * args.batch_size * (args.prompt_tokens + 256)
-    parameters = sum(p.numel() for p in module.policy.parameters())
-    flop = 6 * parameters * tokens
+    flop = training_flop(module.policy, tokens)
     peak = matmul_tflops()
     work = {"matmul": f"{flop / per_step['matmul'] / 1e12:.0f} TFLOP/s of the 6·N·tokens count ({peak:.0f} measured peak)"}
     print(f"\nDPO step, {args.batch_size} pairs ({tokens} tokens), bf16-mixed, no gradient checkpointing: "
           f"MFU {flop / wall / 1e12 / peak:.0%}; peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; "
           f"{torch.cuda.get_device_name()}")
-    print_table(per_step, wall, work, dict(sorted(top.items(), key=lambda kv: -kv[1])[:10]), profiled)
+    print_table(per_step, wall, work, top, profiled)
 
 
 def main() -> None:

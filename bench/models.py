@@ -46,6 +46,11 @@ def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+def training_flop(model, tokens: float) -> float:
+    """FLOP of a training step over ``tokens`` as issue 7 counts them for MFU: 6 x the model's parameters per token."""
+    return 6 * sum(p.numel() for p in model.parameters()) * tokens
+
+
 def adapter_report(base: str, adapter: str, device: str) -> str:
     """Load ``adapter`` onto ``base`` with ``PeftModel.from_pretrained`` on one device, as a user would after training
     on several, and describe what loaded (a trained adapter has LoRA B matrices away from their zero start)."""

@@ -24,7 +24,7 @@ from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.generation import SamplingSettings
 from abel_lightning.modules.ppo import PPOModule
 from abel_lightning.prompts import format_prompt
-from bench.models import gib, materialize, matmul_tflops
+from bench.models import gib, materialize, matmul_tflops, training_flop
 
 
 def main() -> None:
@@ -64,8 +64,7 @@ def main() -> None:
     prompt_tokens = sum(len(ids) for ids in module.tokenizer(prompts)["input_ids"]) / len(prompts)
     tokens = args.questions * (prompt_tokens + mean("response_length")) * module.hparams.ppo_epochs
     update_rate = tokens / mean("update_seconds")
-    parameters = sum(p.numel() for p in module.policy.parameters())
-    mfu = f"{6 * parameters * update_rate / 1e12 / matmul_tflops():.0%}" if args.quantization is None else "n/a"
+    mfu = f"{training_flop(module.policy, update_rate) / 1e12 / matmul_tflops():.0%}" if args.quantization is None else "n/a"
     checkpointing = "on" if args.gradient_checkpointing else "off"
     print("\n| base | engine | gradient checkpointing | generation s | tokens/s | scoring s | update s (4 epochs) "
           "| update tokens/s | update MFU | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -55,6 +55,15 @@ def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 20) -> float:
     return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
 
 
+def decode_bytes(model) -> tuple[int, int]:
+    """What a decode step reads: the weights' bytes, and the bytes of one cache slot (keys and values of every layer,
+    bf16) of one row."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mistral-7b-random")
@@ -101,12 +110,10 @@ def main() -> None:
     capture_s = decode_engine(merged).capture_seconds
 
     bandwidth = copy_bandwidth()
-    config = merged.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    weight_bytes, slot_bytes = decode_bytes(merged)
     prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     mean_context = sum(prompt_lengths) / len(prompt_lengths) + args.new_tokens / 2
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * rows * mean_context
+    kv_bytes = slot_bytes * rows * mean_context
     limit = rows * bandwidth / (weight_bytes + kv_bytes)
 
     baseline = tokens / next(iter(seconds.values()))

@@ -293,7 +293,8 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(tiny_model, gradient_checkpointing):
+def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(tiny_model, gradient_checkpointing,
+                                                                                          monkeypatch):
     """bf16-mixed training: autocast, not PEFT, casts LoRA inputs; that must give PEFT's numbers exactly, and the
     forward recomputed by checkpointing (outside response_forward's context) must match the one it saved."""
     from peft.helpers import disable_input_dtype_casting
@@ -302,7 +303,7 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
 
     batch = pack([[1, 5, 7], [2, 9]], [[4, 6, 8, 10], [3, 11]], pad_id=0)
 
-    def logprobs_and_grads(peft_casts: bool):
+    def logprobs_and_grads():
         torch.manual_seed(0)  # the same LoRA A initialisation
         policy = attach_lora(load_base(tiny_model, "bfloat16"), LoraSettings(r=4, alpha=8), None, trainable=True,
                              gradient_checkpointing=gradient_checkpointing)
@@ -311,19 +312,16 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
             if "lora_B" in name:
                 parameter.data.normal_(0.0, 0.1, generator=generator)
         policy.train()
-        original = sequences.disable_input_dtype_casting
-        if peft_casts:
-            sequences.disable_input_dtype_casting = lambda model, active: disable_input_dtype_casting(model, False)
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logprobs = sequence_logprobs(policy, batch)
-            logprobs.sum().backward()
-        finally:
-            sequences.disable_input_dtype_casting = original
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logprobs = sequence_logprobs(policy, batch)
+        logprobs.sum().backward()
         return logprobs, {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
 
-    ours, our_grads = logprobs_and_grads(peft_casts=False)
-    peft, peft_grads = logprobs_and_grads(peft_casts=True)
+    ours, our_grads = logprobs_and_grads()
+    # PEFT's own path: its input casting left on.
+    monkeypatch.setattr(sequences, "disable_input_dtype_casting",
+                        lambda model, active: disable_input_dtype_casting(model, False))
+    peft, peft_grads = logprobs_and_grads()
     torch.testing.assert_close(ours, peft, rtol=0, atol=0)
     assert our_grads.keys() == peft_grads.keys() and len(our_grads) > 0
     for name in our_grads:

@@ -43,16 +43,20 @@ def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
 FSDP_ON_CPU = Path(__file__).with_name("cpu_fsdp.py")
 
 
+def abel_lightning(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI in processes of its own, which can import the CPU FSDP shim."""
+    env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "abel_lightning.cli", *args, "--trainer.enable_progress_bar", "false"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def run_cli(config: str, strategy: str, out: Path, *args: str) -> Path:
     """``abel-lightning fit`` on 2 gloo processes; returns the adapter folder it saved."""
-    command = [
-        sys.executable, "-m", "abel_lightning.cli", "fit", "--config", config, "--config", strategy,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
+    run = abel_lightning(
+        "fit", "--config", config, "--config", strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
         "--trainer.callbacks.init_args.dirpath", str(out / "adapter"), "--trainer.logger.init_args.save_dir", str(out),
         *args,
-    ]
-    env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "MEMBER: 2/2" in run.stderr
     return out / "adapter"
@@ -109,15 +113,13 @@ def test_fsdp_trains_the_adapter_ddp_trains_and_saves_it_for_one_device(phase, t
 
 
 def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_model, cpu_fsdp_strategy, tmp_path):
-    command = [
-        sys.executable, "-m", "abel_lightning.cli", "fit", "--config", str(REPO / "configs/tiny/dpo.yaml"), "--config",
-        cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--model.init_args.model",
-        tiny_model, "--model.init_args.adapter", "null", "--data.init_args.pairs", str(write_pairs(tmp_path / "p.jsonl")),
+    run = abel_lightning(
+        "fit", "--config", str(REPO / "configs/tiny/dpo.yaml"), "--config", cpu_fsdp_strategy,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--model.init_args.model", tiny_model,
+        "--model.init_args.adapter", "null", "--data.init_args.pairs", str(write_pairs(tmp_path / "p.jsonl")),
         "--data.init_args.rollouts", "null", "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-    ]
-    env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent)}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=300,
+    )
     assert run.returncode != 0
     assert "needs 2 or more devices" in run.stderr and "configs/strategy/ddp.yaml" in run.stderr
     assert not (tmp_path / "adapter").exists()
@@ -130,13 +132,10 @@ def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accura
     for name, args in {"one": ["--trainer.devices", "1"],
                        "fsdp": ["--config", cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]}.items():
         out = tmp_path / name
-        command = [
-            sys.executable, "-m", "abel_lightning.cli", "test", "--config", str(REPO / "configs/tiny/eval.yaml"), *args,
-            "--data.init_args.dataset", str(toy), "--data.init_args.batch_size", "5",
-            "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.enable_progress_bar", "false",
-        ]
-        env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
-        run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        run = abel_lightning(
+            "test", "--config", str(REPO / "configs/tiny/eval.yaml"), *args, "--data.init_args.dataset", str(toy),
+            "--data.init_args.batch_size", "5", "--trainer.callbacks.init_args.output_dir", str(out),
+        )
         assert run.returncode == 0, run.stderr[-4000:]
         # The accuracy the callback reduced over ranks and printed, and the one the written records give.
         printed = re.search(r"platinum_accuracy \S+ \((\d+)/(\d+)\)", run.stdout)

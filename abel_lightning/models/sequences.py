@@ -117,26 +117,17 @@ def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with
     with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(batch.input_ids.device.type)):
         if packed:
             keep = (real.flatten().cumsum(0) - 1).view_as(real)[predicting]  # their indices in the packed row
-            output = model(
-                input_ids=batch.input_ids[real][None],
-                position_ids=batch.position_ids[real][None],
-                logits_to_keep=keep,
-                output_hidden_states=with_hidden,
-                use_cache=False,
-            )
-            logits = output.logits[0]
-            hidden = output.hidden_states[-1][0, keep] if with_hidden else None
+            inputs = {"input_ids": batch.input_ids[real][None], "position_ids": batch.position_ids[real][None],
+                      "logits_to_keep": keep}
         else:
-            output = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                output_hidden_states=with_hidden,
-                use_cache=False,
-            )
-            logits = output.logits[predicting]
-            hidden = output.hidden_states[-1][predicting] if with_hidden else None
-    logits = logits.float()
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                      "position_ids": batch.position_ids}
+        output = model(**inputs, output_hidden_states=with_hidden, use_cache=False)
+    # Each predicting position's logits (and last hidden state), in row-major order.
+    logits = (output.logits[0] if packed else output.logits[predicting]).float()
+    hidden = None
+    if with_hidden:
+        hidden = output.hidden_states[-1][0, keep] if packed else output.hidden_states[-1][predicting]
     if temperature > 0:
         logits = logits / temperature
     targets = batch.input_ids[:, start + 1 : start + 1 + width][responses]

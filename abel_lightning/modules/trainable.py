@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
 from abel_lightning.models.fsdp import unwrapped_name
+from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
 from abel_lightning.modules.sharding import weights_sharded
 
 POLICY_PREFIX = "policy."
