@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
 from abel_lightning.data.preferences import PreferenceDataModule, collate_pairs, encode_response, held_out_questions
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.loading import ALL_PROJECTIONS, load_base, load_tokenizer, save_adapter
@@ -198,8 +199,6 @@ def test_adapter_reference_trains_exactly_like_the_cache(tiny_model, adapter, tm
 
 
 def test_saved_adapter_loads_on_the_plain_base_and_checkpoint_holds_trainable_weights_only(tiny_model, adapter, tmp_path):
-    from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
-
     folder = tmp_path / "dpo_lora"
     module, _, _ = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 3, reference="adapter",
                        callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
@@ -235,14 +234,22 @@ def test_reference_cache_is_reused_and_invalidated_by_a_new_pairs_file(tiny_mode
 
 
 def test_resume_without_its_reference_cache_refuses_to_recompute_it(tiny_model, adapter, tmp_path):
-    from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
-
     folder = tmp_path / "dpo_lora"
     module, _, _ = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 1,
                        callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
     module.reference_cache.unlink()
     with pytest.raises(FileNotFoundError, match="cannot be recomputed from trained weights"):
         fit(tiny_model, adapter, tmp_path / "pairs.jsonl", 2, ckpt_path=str(folder / "last.ckpt"))
+
+
+def test_a_run_stopped_by_max_steps_extends_through_the_rest_of_its_epoch(tiny_model, adapter, tmp_path):
+    """8 batches an epoch; 3 steps, then the same run told to go on to 6, against 6 steps in one go."""
+    pairs, folder = write_pairs(tmp_path / "pairs.jsonl", 16), tmp_path / "dpo_lora"
+    _, _, straight = fit(tiny_model, adapter, pairs, 6, val_fraction=0.0)
+    fit(tiny_model, adapter, pairs, 3, val_fraction=0.0, callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
+    _, _, extended = fit(tiny_model, adapter, pairs, 6, val_fraction=0.0, ckpt_path=str(folder / "last.ckpt"))
+    assert len(extended) == 3
+    assert [r["train/loss"] for r in extended] == pytest.approx([r["train/loss"] for r in straight[3:]], abs=1e-6)
 
 
 class PoisonReference(L.Callback):
@@ -288,10 +295,6 @@ def ddp_worker() -> None:
         Path(args.out).write_text(json.dumps(result))
 
 
-if __name__ == "__main__":
-    ddp_worker()
-
-
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(tiny_model, gradient_checkpointing,
                                                                                           monkeypatch):
@@ -326,3 +329,7 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
     assert our_grads.keys() == peft_grads.keys() and len(our_grads) > 0
     for name in our_grads:
         torch.testing.assert_close(our_grads[name], peft_grads[name], rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    ddp_worker()

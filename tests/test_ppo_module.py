@@ -59,10 +59,23 @@ class KillAfter(Callback):
             raise RuntimeError("killed")
 
 
+class SeenQuestions(Callback):
+    """Appends the question ids of each training batch to ``path``, one line a batch."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with self.path.open("a") as file:
+            file.write(" ".join(batch["question_id"]) + "\n")
+
+
 def test_fit_writes_a_peft_adapter_that_loads_and_resumes_at_the_right_step(tiny_model, shared_data, tmp_path):
     # 8 questions / batch 2 = 4 PPO iterations an epoch; the job dies after iteration 2, just saved.
+    seen = tmp_path / "seen.txt"
     common = ["--data.init_args.n_samples", "8", "--model.init_args.advantage", "gae",
-              "--model.init_args.target_kl", "null", "--model.init_args.reward", "test_digits"]
+              "--model.init_args.target_kl", "null", "--model.init_args.reward", "test_digits",
+              "--trainer.callbacks+=test_ppo_module.SeenQuestions", "--trainer.callbacks.init_args.path", str(seen)]
     with pytest.raises(RuntimeError, match="killed"):
         main(ppo_args(tiny_model, shared_data, tmp_path, *common,
                       "--trainer.callbacks+=test_ppo_module.KillAfter", "--trainer.callbacks.init_args.batches", "2"))
@@ -79,6 +92,10 @@ def test_fit_writes_a_peft_adapter_that_loads_and_resumes_at_the_right_step(tiny
     # The resumed run does the epoch's last two iterations only.
     resumed = list(csv.DictReader((tmp_path / "runs/ppo/version_1/metrics.csv").open()))
     assert [int(r["step"]) for r in resumed] == [2, 3]
+    # The resumed run takes the epoch's last two batches: every question once, none twice.
+    batches = seen.read_text().split("\n")[:-1]
+    ids = " ".join(batches).split()
+    assert len(batches) == 4 and len(ids) == 8 == len(set(ids))
 
 
 def test_tiny_target_kl_stops_after_the_first_minibatch(tiny_model, shared_data, tmp_path):

@@ -17,15 +17,21 @@ class AdapterCheckpoint(L.Callback):
     def __init__(self, dirpath: str = "checkpoints/abel_ppo_lora", save_every: int = 500):
         self.dirpath = Path(dirpath)
         self.save_every = save_every
+        self._saved_after_batch: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Training batches seen, across epochs and resumes: a PPO iteration, or a DPO micro-batch.
         batches = trainer.fit_loop.total_batch_idx + 1
-        if self.save_every > 0 and batches % self.save_every == 0:
+        periodic = self.save_every > 0 and batches % self.save_every == 0
+        # A run that max_steps stops mid-epoch is saved here, not at on_train_end: by then Lightning counts the epoch
+        # as finished, and a resume with a larger max_steps would skip the rest of the epoch's batches.
+        if periodic or 0 <= trainer.max_steps <= trainer.global_step:
             self.save(trainer)
+            self._saved_after_batch = batches
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.save(trainer)
+        if self._saved_after_batch != trainer.fit_loop.total_batch_idx + 1:
+            self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
         # Every rank takes part (FSDP gathers shards); the strategy writes on rank 0 only.

@@ -13,6 +13,7 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from abel_lightning.answers import extract_gold
+from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
 from abel_lightning.prompts import format_prompt
 
@@ -101,8 +102,9 @@ def collate_questions(items: list[dict]) -> dict[str, list]:
 
 
 class GSM8KDataModule(L.LightningDataModule):
-    """Serves GSM8K-format questions to every stage: shuffled for ``fit`` (PPO samples its own answers), in source
-    order for ``predict``/``test``, sharded across ranks without repeats so that each question is answered once."""
+    """Serves GSM8K-format questions to every stage: for ``fit`` in a seeded shuffle that a resumed run continues
+    (PPO samples its own answers), in source order for ``predict``/``test``, sharded across ranks without repeats so
+    that each question is answered once."""
 
     def __init__(
         self,
@@ -134,14 +136,9 @@ class GSM8KDataModule(L.LightningDataModule):
         return [q for q in self.questions if q["question_id"] not in self._skip]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._pending(),
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=collate_questions,
-            num_workers=self.hparams.num_workers,
-        )
+        hp = self.hparams
+        return TrainLoader(self._pending(), self.trainer, hp.batch_size, hp.seed, collate_fn=collate_questions,
+                           num_workers=hp.num_workers)
 
     def _ordered_dataloader(self) -> DataLoader:
         pending = self._pending()

@@ -19,9 +19,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.sequences import SequenceBatch, pack
 from abel_lightning.preferences import write_preferences
@@ -184,30 +185,20 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.train_pairs + self.val_pairs
 
     def train_dataloader(self) -> DataLoader:
-        # Our own seeded DistributedSampler, also on one device (Lightning keeps it as it is): global batch k is then
-        # the same pairs whatever the device count, so 2 devices x 1 pair train exactly like 1 device x 2 pairs.
-        sampler = DistributedSampler(
-            self.train_pairs,
-            num_replicas=self.trainer.world_size,
-            rank=self.trainer.global_rank,
-            shuffle=True,
-            seed=self.hparams.seed,
-            drop_last=True,
-        )
-        return self._loader(self.train_pairs, sampler=sampler, drop_last=True)
+        # TrainLoader: 2 devices x 1 pair train exactly like 1 device x 2 pairs, and a resume goes on from its place.
+        hp = self.hparams
+        return TrainLoader(self.train_pairs, self.trainer, hp.batch_size, hp.seed, collate_fn=self._collate(),
+                           num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_pairs) if self.val_pairs else []
+        if not self.val_pairs:
+            return []
+        hp = self.hparams
+        return DataLoader(self.val_pairs, batch_size=hp.batch_size, collate_fn=self._collate(), num_workers=hp.num_workers)
 
-    def _loader(self, pairs: list[EncodedPair], **kwargs) -> DataLoader:
-        return DataLoader(
-            pairs,
-            batch_size=self.hparams.batch_size,
-            # A partial, not a bound method: worker processes then need not pickle the datamodule and its trainer.
-            collate_fn=partial(collate_pairs, pad_id=self.pad_id),
-            num_workers=self.hparams.num_workers,
-            **kwargs,
-        )
+    def _collate(self) -> partial:
+        # A partial, not a bound method: worker processes then need not pickle the datamodule and its trainer.
+        return partial(collate_pairs, pad_id=self.pad_id)
 
 
 def _fingerprint(path: Path, kinds: list[str] | None, max_prompt_length: int, max_length: int) -> str:
