@@ -15,11 +15,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from test_dpo_module import make_adapter, write_pairs
 
+from abel_lightning.data.gsm8k import load_questions
 from abel_lightning.data.toy import write_toy_dataset
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.fsdp import wrap_decoder_layers_and_lora
 from abel_lightning.models.loading import LoraSettings, attach_lora, load_base
 from abel_lightning.models.tiny import build_tokenizer, random_model
+from abel_lightning.schemas import ROLLOUT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +129,8 @@ def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_
 
 @pytest.mark.slow
 def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accuracy(cpu_fsdp_strategy, tmp_path):
-    toy = write_toy_dataset(tmp_path / "toy", n_train=1, n_test=24)["test"].parent
+    # 23 questions in batches of 5: rank 1's 11 questions and the filler take 3 batches, as rank 0's 12 do.
+    toy = write_toy_dataset(tmp_path / "toy", n_train=1, n_test=23)["test"].parent
     accuracy, ids = {}, {}
     for name, args in {"one": ["--trainer.devices", "1"],
                        "fsdp": ["--config", cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]}.items():
@@ -142,9 +145,28 @@ def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accura
         records = read_jsonl(out / "base_platinum_eval.jsonl")
         accuracy[name] = (int(printed[1]), int(printed[2]), sum(r["correct"] for r in records))
         ids[name] = sorted(r["question_id"] for r in records)
-    assert ids["fsdp"] == ids["one"] and len(ids["one"]) == 24 == len(set(ids["one"]))
+    assert ids["fsdp"] == ids["one"] and len(ids["one"]) == 23 == len(set(ids["one"]))
     correct, answered, in_records = accuracy["one"]
-    assert accuracy["fsdp"] == accuracy["one"] and answered == 24 and correct == in_records > 0
+    assert accuracy["fsdp"] == accuracy["one"] and answered == 23 and correct == in_records > 0
+
+
+@pytest.mark.slow
+def test_rollouts_under_fsdp_give_each_question_once_in_source_order(cpu_fsdp_strategy, tmp_path):
+    # 7 questions in batches of 3: rank 0 answers 4 in 2 batches, rank 1 answers 3 and must still decode a second
+    # batch (the filler question), or rank 0's second batch waits for it forever.
+    toy = write_toy_dataset(tmp_path / "toy", n_train=7, n_test=1)["train"].parent
+    output = tmp_path / "rollouts.jsonl"
+    run = abel_lightning(
+        "predict", "--config", str(REPO / "configs/tiny/rollouts.yaml"), "--config", cpu_fsdp_strategy,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.init_args.adapter", "null",
+        "--data.init_args.dataset", str(toy), "--data.init_args.n_samples", "null", "--data.init_args.batch_size", "3",
+        "--trainer.callbacks.init_args.output", str(output),
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "MEMBER: 2/2" in run.stderr
+    records = read_jsonl(output, ROLLOUT)
+    assert [r["question_id"] for r in records] == [q["question_id"] for q in load_questions(str(toy), "train")]
+    assert all(len(r["trajectories"]) == 8 for r in records) and not list(tmp_path.glob("*.part*"))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from abel_lightning.data.gsm8k import GSM8KDataModule, load_questions
+from abel_lightning.data.gsm8k import FILLER_ID, GSM8KDataModule, RankShard, load_questions, with_filler
 from abel_lightning.jsonl import JsonlError
 from abel_lightning.prompts import format_prompt
 
@@ -78,3 +78,14 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 def test_a_missing_file_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such dataset file"):
         load_questions(str(tmp_path / "nope.jsonl"), "train")
+
+
+@pytest.mark.parametrize("even", [False, True])
+def test_rank_shards_hold_each_question_once_and_even_ones_are_topped_up_with_the_filler(even):
+    questions = [{"question_id": f"q{i}", "prompt": f"p{i}"} for i in range(7)]
+    served = with_filler(questions) if even else questions
+    shares = [[served[i]["question_id"] for i in RankShard(questions, 3, rank, even)] for rank in range(3)]
+    filler = [FILLER_ID] if even else []
+    assert shares == [["q0", "q3", "q6"], ["q1", "q4", *filler], ["q2", "q5", *filler]]
+    assert [len(RankShard(questions, 3, rank, even)) for rank in range(3)] == [len(share) for share in shares]
+    assert [list(RankShard([], 2, rank, even)) for rank in range(2)] == [[], []]

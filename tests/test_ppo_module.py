@@ -1,8 +1,16 @@
-"""PPO end to end on a tiny random model through the CLI: adapter folder, resume, early stop on target_kl, learning."""
+"""PPO end to end on a tiny random model through the CLI: adapter folder, resume, early stop on target_kl, learning,
+statistics over ranks.
+
+Run as a script, this file is the CLI with this file's rewards registered, for the DDP test (Lightning relaunches the
+script once per rank, which ``python -c`` cannot be).
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def digits(completion: str, gold: str) -> float:
     """An easy reward to raise from a random model: how many digits the completion holds (capped at 4)."""
     return min(sum(ch.isdigit() for ch in completion), 4) / 4
+
+
+@register_reward("test_rank")
+def rank(completion: str, gold: str) -> float:
+    """The process's rank, whatever the completion: ranks that disagree, so a statistic of rank 0 alone shows."""
+    return float(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0.0
 
 
 def ppo_args(tiny_model: str, shared_data: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -136,3 +150,21 @@ def test_ppo_beats_the_base_on_held_out_toy_problems(tmp_path):
         assert len(records) == 200
         accuracy[path.name.removesuffix("_platinum_eval.jsonl")] = sum(r["correct"] for r in records) / len(records)
     assert accuracy["ppo_lora"] >= accuracy["base"] + 0.20, accuracy
+
+
+@pytest.mark.slow
+def test_two_ranks_log_statistics_over_both_not_rank_zeros(tiny_model, shared_data, tmp_path):
+    # Rank 0 scores every completion 0 and rank 1 scores it 1: the logged mean reward and accuracy are 0.5.
+    args = ppo_args(tiny_model, shared_data, tmp_path, "--model.init_args.reward", "test_rank",
+                    "--data.init_args.n_samples", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "MEMBER: 2/2" in run.stderr
+    rows = metrics(tmp_path)
+    assert len(rows) == 2  # 8 questions / (2 ranks x 2)
+    assert [(float(r["reward"]), float(r["accuracy"])) for r in rows] == [(0.5, 0.5)] * 2
+
+
+if __name__ == "__main__":
+    main()

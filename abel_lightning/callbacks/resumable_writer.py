@@ -26,11 +26,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 
+from abel_lightning.data.gsm8k import FILLER_ID, RankShard, with_filler
 from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.modules.policy import Answered
+from abel_lightning.modules.sharding import weights_sharded
 from abel_lightning.schemas import Schema
 
 log = logging.getLogger(__name__)
@@ -272,23 +273,26 @@ def answer_with_policy(
     """Sample from a training module's ``policy``/``tokenizer`` on this rank's share of ``questions``, batch by batch.
 
     For sampling inside ``fit`` (after PPO, or evaluating every N steps), where no predict/test loop serves the
-    questions. Rank r takes ``questions[r::world_size]``. Under FSDP the decoding is synchronized across ranks, so every
-    rank makes as many ``generate`` calls as the largest share needs, decoding a throw-away prompt when its own share
-    has run out. The policy is put in eval mode (no dropout) and returned to its previous mode afterwards.
+    questions. Rank r takes ``questions[r::world_size]``. Under FSDP the decoding is synchronized across ranks, so a
+    share shorter than the largest is topped up with the filler question, whose answers are dropped: every rank then
+    makes the same ``generate`` calls. The policy is put in eval mode (no dropout) and returned to its previous mode
+    afterwards.
     """
-    rank, world = trainer.global_rank, trainer.world_size
-    share = questions[rank::world]
-    sharded = isinstance(trainer.strategy, FSDPStrategy)
-    calls = -(-len(questions[0::world]) // batch_size) if sharded else -(-len(share) // batch_size)
+    sharded = weights_sharded(trainer)
+    shard = RankShard(questions, trainer.world_size, trainer.global_rank, even=sharded)
+    served = with_filler(questions) if sharded else questions
+    share = [served[i] for i in shard]
     policy = pl_module.policy
     was_training = policy.training
     policy.eval()
     try:
-        for call in range(calls):
-            chunk = share[call * batch_size : (call + 1) * batch_size]
-            prompts = [q["prompt"] for q in chunk] or [questions[0]["prompt"]]
-            groups = generate(policy, pl_module.tokenizer, prompts, sampling, samples_per_question, synced_gpus=sharded)
-            if chunk:
-                yield [Answered(q, group, [0] * samples_per_question) for q, group in zip(chunk, groups)]
+        for start in range(0, len(share), batch_size):
+            chunk = share[start : start + batch_size]
+            groups = generate(policy, pl_module.tokenizer, [q["prompt"] for q in chunk], sampling, samples_per_question,
+                              synced_gpus=sharded)
+            answered = [Answered(q, g, [0] * samples_per_question) for q, g in zip(chunk, groups)
+                        if q["question_id"] != FILLER_ID]
+            if answered:
+                yield answered
     finally:
         policy.train(was_training)

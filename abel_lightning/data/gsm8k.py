@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from abel_lightning.answers import extract_gold
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
+from abel_lightning.modules.sharding import weights_sharded
 from abel_lightning.prompts import format_prompt
 
 # Hub ids whose rows carry GSM8K's columns (question, answer) under config "main".
@@ -81,20 +82,33 @@ def _read_rows(dataset: str, split: str, hub_config: str):
         yield row, (f"{dataset}[{split}]", index + 1)
 
 
+# The question_id of a throw-away question: under FSDP every forward needs every rank, so a rank whose share of the
+# questions has run out still decodes (a copy of the first question) while the others finish theirs. It is never
+# written or scored (PolicyModule drops its answers).
+FILLER_ID = "filler"
+
+
 class RankShard(DistributedSampler):
-    """Rows ``rank::world_size``, never padded and possibly none.
+    """Rows ``rank::world_size``, never repeated and possibly none; with ``even``, each rank is topped up to the
+    largest share with the index ``len(dataset)``, which the datamodule serves as the filler question.
 
     Lightning's default sampler repeats rows to even out the shards (a repeated question would be written and counted
     twice), and its unrepeated one asserts that every rank gets a row, which a resumed run with fewer questions left
     than ranks breaks.
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int):
+    def __init__(self, dataset, num_replicas: int, rank: int, even: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.own = range(rank, len(dataset), num_replicas)
+        self.num_samples = len(range(0, len(dataset), num_replicas)) if even else len(self.own)
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter([*self.own, *[len(self.dataset)] * (self.num_samples - len(self.own))])
+
+
+def with_filler(questions: list[dict]) -> list[dict]:
+    """``questions`` and the filler question after them, for a ``RankShard(..., even=True)`` to top ranks up with."""
+    return [*questions, {**questions[0], "question_id": FILLER_ID}] if questions else []
 
 
 def collate_questions(items: list[dict]) -> dict[str, list]:
@@ -142,11 +156,13 @@ class GSM8KDataModule(L.LightningDataModule):
 
     def _ordered_dataloader(self) -> DataLoader:
         pending = self._pending()
-        sampler = None
+        served, sampler = pending, None
         if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = RankShard(pending, self.trainer.world_size, self.trainer.global_rank)
+            sharded = weights_sharded(self.trainer)
+            sampler = RankShard(pending, self.trainer.world_size, self.trainer.global_rank, even=sharded)
+            served = with_filler(pending) if sharded else pending
         return DataLoader(
-            pending,
+            served,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             collate_fn=collate_questions,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 
+from abel_lightning.data.gsm8k import FILLER_ID
 from abel_lightning.models.generation import Completion, SamplingSettings, generate
 from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
 from abel_lightning.modules.sharding import weights_sharded
@@ -92,6 +93,7 @@ class PolicyModule(L.LightningModule):
             groups = self._sample(questions, self.sampling, k, None)
             answered = [Answered(q, group, [0] * k) for q, group in zip(questions, groups)]
         self.seconds_generating += time.perf_counter() - started
+        answered = [a for a in answered if a.question["question_id"] != FILLER_ID]
         self.tokens_generated += sum(len(c.response_ids) for a in answered for c in a.completions)
         return answered
 
