@@ -98,7 +98,7 @@ def main() -> None:
     mfu = f"{training_flop(module.policy, tokens_per_s) / 1e12 / peak:.0%}" if args.quantization is None else "n/a"
     checkpointing = "on" if args.gradient_checkpointing else "off"
     casts = "PEFT's" if args.peft_input_casts else "autocast's"
-    forward = "padded" if args.padded else "packed"
+    forward = "padded" if args.padded else "packed where it pays"
     lengths = "50-100% of" if args.vary_lengths else "all"
     # tokens/s counts real tokens only, so MFU credits no padding.
     print("\n| base | pairs/step | lengths | forward | gradient checkpointing | LoRA input casts | tokens/s | MFU | peak GiB |"
