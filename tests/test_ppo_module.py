@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning import Callback
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from abel_lightning.cli import main
@@ -150,6 +151,18 @@ def test_ppo_beats_the_base_on_held_out_toy_problems(tmp_path):
         assert len(records) == 200
         accuracy[path.name.removesuffix("_platinum_eval.jsonl")] = sum(r["correct"] for r in records) / len(records)
     assert accuracy["ppo_lora"] >= accuracy["base"] + 0.20, accuracy
+
+
+def test_sampling_from_the_merged_copy_trains_the_adapter_that_sampling_from_the_policy_does(tiny_model, shared_data,
+                                                                                            tmp_path):
+    for merged in ("true", "false"):
+        main(ppo_args(tiny_model, shared_data, tmp_path / merged, "--model.init_args.sample_merged", merged,
+                      "--model.init_args.reward", "test_digits", "--model.init_args.learning_rate", "0.01",
+                      "--trainer.limit_train_batches", "3"))
+    fast, plain = (load_file(tmp_path / merged / "adapter/adapter_model.safetensors") for merged in ("true", "false"))
+    assert fast.keys() == plain.keys() and any(v.abs().max() > 0 for k, v in fast.items() if "lora_B" in k)
+    for key in fast:
+        torch.testing.assert_close(fast[key], plain[key], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

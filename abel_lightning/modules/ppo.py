@@ -29,6 +29,7 @@ from abel_lightning.losses.ppo import (
 )
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings, Quantization
+from abel_lightning.models.merged_copy import MergedCopy
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
 from abel_lightning.modules.sharding import in_wrapped_forward, weights_sharded
@@ -65,6 +66,7 @@ class PPOModule(LoRATrainingModule):
         target_kl: float | None = 0.1,
         max_grad_norm: float = 1.0,
         max_generation_rows: int | None = None,
+        sample_merged: bool = True,
     ):
         """
         Args:
@@ -95,6 +97,9 @@ class PPOModule(LoRATrainingModule):
                 None never stops early.
             max_grad_norm: gradient clipping by global norm.
             max_generation_rows: cap on rows decoded at once (halved automatically on out-of-memory).
+            sample_merged: sample from a merged copy of the policy (models/merged_copy.py): 1.6x faster decoding at
+                PPO's few rows, for one more copy of the adapted weights (about 13 GB for a 7B base). Not used with
+                a quantized base or sharded weights (FSDP), which cannot be merged into.
         """
         super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing)
         self.save_hyperparameters()
@@ -109,6 +114,7 @@ class PPOModule(LoRATrainingModule):
             if kl_target is not None
             else FixedKLController(init_kl_coef)
         )
+        self._merged: MergedCopy | None = None
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -175,7 +181,7 @@ class PPOModule(LoRATrainingModule):
         started = time.perf_counter()
         self.policy.eval()
         groups = generate(
-            self.policy,
+            self.sampling_model(),
             self.tokenizer,
             prompts,
             self.sampling,
@@ -192,6 +198,15 @@ class PPOModule(LoRATrainingModule):
         stats = {"generation_seconds": seconds, "generation_tokens_per_s": tokens / seconds}
         rollout = pack_completions(completions, self.tokenizer.pad_token_id).to(self.device)
         return rollout, torch.tensor(scores, device=self.device), stats
+
+    def sampling_model(self):
+        """What the rollouts decode with: the merged copy, brought up to date with the LoRA weights, or the policy."""
+        hp = self.hparams
+        if not hp.sample_merged or hp.quantization is not None or weights_sharded(self._trainer):
+            return self.policy
+        if self._merged is None:  # a plain attribute, not a submodule: never saved, wrapped or optimized
+            self._merged = MergedCopy(self.policy)
+        return self._merged.refresh()
 
     @torch.no_grad()
     def evaluate(self, rollout: SequenceBatch):
