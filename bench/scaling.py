@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -155,6 +156,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work) / f"{args.model.replace(':', '-')}-{args.strategy}-{args.devices}"
+    # A fresh folder: the phases resume from what they find (rollouts, evaluation) and metrics are read back from it.
+    shutil.rmtree(work, ignore_errors=True)
     args.model_path = materialize(args.model)
     write_toy_dataset(work / "toy", n_train=max(512, args.questions), n_test=args.questions)
     pairs = synthetic_pairs(load_tokenizer(args.model_path), args.global_batch * args.dpo_steps, 160, 256)
