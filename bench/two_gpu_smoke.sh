@@ -3,6 +3,7 @@
 # and report the same accuracy; PPO runs a few iterations under DDP with rank-reduced statistics.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+rm -rf /tmp/two  # evaluation would resume from an earlier run's records, and the PPO metrics be its version_0
 python3 -c "from abel_lightning.data.toy import write_toy_dataset; write_toy_dataset('/tmp/two/toy', n_train=200, n_test=60)"
 cli="python3 -m abel_lightning.cli"
 gpu="--trainer.accelerator gpu --trainer.enable_progress_bar false --data.init_args.dataset /tmp/two/toy"
