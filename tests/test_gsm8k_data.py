@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from abel_lightning.data.gsm8k import FILLER_ID, GSM8KDataModule, RankShard, load_questions, with_filler
+from abel_lightning.data.gsm8k import FILLER_ID, GSM8KDataModule, load_questions, shard_questions
 from abel_lightning.jsonl import JsonlError
 from abel_lightning.prompts import format_prompt
 
@@ -83,9 +83,9 @@ def test_a_missing_file_says_so(tmp_path):
 @pytest.mark.parametrize("even", [False, True])
 def test_rank_shards_hold_each_question_once_and_even_ones_are_topped_up_with_the_filler(even):
     questions = [{"question_id": f"q{i}", "prompt": f"p{i}"} for i in range(7)]
-    served = with_filler(questions) if even else questions
-    shares = [[served[i]["question_id"] for i in RankShard(questions, 3, rank, even)] for rank in range(3)]
+    ranks = [shard_questions(questions, 3, rank, even) for rank in range(3)]
+    shares = [[served[i]["question_id"] for i in sampler] for served, sampler in ranks]
     filler = [FILLER_ID] if even else []
     assert shares == [["q0", "q3", "q6"], ["q1", "q4", *filler], ["q2", "q5", *filler]]
-    assert [len(RankShard(questions, 3, rank, even)) for rank in range(3)] == [len(share) for share in shares]
-    assert [list(RankShard([], 2, rank, even)) for rank in range(2)] == [[], []]
+    assert [len(sampler) for _, sampler in ranks] == [len(share) for share in shares]
+    assert [list(shard_questions([], 2, rank, even)[1]) for rank in range(2)] == [[], []]

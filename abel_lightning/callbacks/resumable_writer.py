@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from abel_lightning.data.gsm8k import FILLER_ID, RankShard, with_filler
+from abel_lightning.data.gsm8k import FILLER_ID, shard_questions
 from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.modules.policy import Answered
@@ -279,8 +279,7 @@ def answer_with_policy(
     afterwards.
     """
     sharded = weights_sharded(trainer)
-    shard = RankShard(questions, trainer.world_size, trainer.global_rank, even=sharded)
-    served = with_filler(questions) if sharded else questions
+    served, shard = shard_questions(questions, trainer.world_size, trainer.global_rank, even=sharded)
     share = [served[i] for i in shard]
     policy = pl_module.policy
     was_training = policy.training

@@ -90,7 +90,7 @@ FILLER_ID = "filler"
 
 class RankShard(DistributedSampler):
     """Rows ``rank::world_size``, never repeated and possibly none; with ``even``, each rank is topped up to the
-    largest share with the index ``len(dataset)``, which the datamodule serves as the filler question.
+    largest share with the index ``len(dataset)``, where :func:`shard_questions` puts the filler question.
 
     Lightning's default sampler repeats rows to even out the shards (a repeated question would be written and counted
     twice), and its unrepeated one asserts that every rank gets a row, which a resumed run with fewer questions left
@@ -106,9 +106,11 @@ class RankShard(DistributedSampler):
         return iter([*self.own, *[len(self.dataset)] * (self.num_samples - len(self.own))])
 
 
-def with_filler(questions: list[dict]) -> list[dict]:
-    """``questions`` and the filler question after them, for a ``RankShard(..., even=True)`` to top ranks up with."""
-    return [*questions, {**questions[0], "question_id": FILLER_ID}] if questions else []
+def shard_questions(questions: list[dict], world_size: int, rank: int, even: bool) -> tuple[list[dict], RankShard]:
+    """What rank ``rank`` reads its share from, and the sampler that picks the share; with ``even`` (sharded weights)
+    the filler question follows ``questions``, for the sampler to top the rank up with."""
+    served = [*questions, {**questions[0], "question_id": FILLER_ID}] if even and questions else questions
+    return served, RankShard(questions, world_size, rank, even)
 
 
 def collate_questions(items: list[dict]) -> dict[str, list]:
@@ -158,9 +160,9 @@ class GSM8KDataModule(L.LightningDataModule):
         pending = self._pending()
         served, sampler = pending, None
         if self.trainer is not None and self.trainer.world_size > 1:
-            sharded = weights_sharded(self.trainer)
-            sampler = RankShard(pending, self.trainer.world_size, self.trainer.global_rank, even=sharded)
-            served = with_filler(pending) if sharded else pending
+            served, sampler = shard_questions(
+                pending, self.trainer.world_size, self.trainer.global_rank, even=weights_sharded(self.trainer)
+            )
         return DataLoader(
             served,
             batch_size=self.hparams.batch_size,
