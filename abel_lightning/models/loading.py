@@ -159,14 +159,21 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: s
     return folder
 
 
+def meta_model(config) -> PreTrainedModel:
+    """The architecture of ``config`` on the meta device, weights to be put in by the caller. Built from a copy of the
+    config: ``from_config`` writes into the config it is given, which here belongs to a live model."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
 def _unwrapped_skeleton(model: PeftModel) -> PeftModel:
     """The same PEFT model (base architecture, every adapter) on the meta device, without FSDP's wrappers.
 
     PEFT picks a state dict's adapter entries by the module names of the model it saves, and FSDP inserts segments
     into those names (PEFT 0.21 strips only a leading one), so saving through the wrapped model finds no weights.
     """
+    base = meta_model(model.base_model.model.config)
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(copy.deepcopy(model.base_model.model.config))
         configs = {name: copy.deepcopy(config) for name, config in model.peft_config.items()}
         skeleton = get_peft_model(base, configs.pop(TRAINED_ADAPTER))
         for name, config in configs.items():

@@ -18,7 +18,9 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
+
+from abel_lightning.models.loading import meta_model
 
 
 class MergedCopy:
@@ -29,8 +31,7 @@ class MergedCopy:
         base = policy.get_base_model()
         if getattr(base.config, "quantization_config", None) is not None:
             raise ValueError("a quantized base cannot be merged into: sample from the policy itself")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(base.config)
+        model = meta_model(base.config)
         self.adapted: list[tuple[LoraLayer, nn.Linear]] = []
         for name, module in model.named_modules():
             source = base.get_submodule(name)
