@@ -28,6 +28,7 @@ from abel_lightning.models.loading import ALL_PROJECTIONS, load_base, load_token
 from abel_lightning.models.loading import LoraSettings, attach_lora
 from abel_lightning.models.sequences import pack, sequence_logprobs
 from abel_lightning.modules.dpo import DPOModule
+from abel_lightning.modules.reference_logprobs import ReferenceLogprobs
 
 # Easy pairs a tiny random model learns in a few steps: whatever the question, "#### 7" beats "#### 3".
 N_PAIRS = 10
@@ -175,7 +176,7 @@ def test_first_step_loss_is_log_2_with_the_starting_policy_as_reference(tiny_mod
         batch = collate_pairs(module.trainer.datamodule.all_pairs, module.tokenizer.pad_token_id)
         with torch.no_grad(), module.policy.disable_adapter():
             base = torch.stack(sequence_logprobs(module.policy, batch.sequences).chunk(2), -1)
-        assert (base - module.reference_logps[batch.index]).abs().max() > 1e-2
+        assert (base - module.reference.logps[batch.index]).abs().max() > 1e-2
 
 
 def test_fifteen_steps_lower_the_loss_and_raise_reward_accuracy(tiny_model, adapter, tmp_path):
@@ -218,26 +219,26 @@ def test_saved_adapter_loads_on_the_plain_base_and_checkpoint_holds_trainable_we
 def test_reference_cache_is_reused_and_invalidated_by_a_new_pairs_file(tiny_model, adapter, tmp_path, monkeypatch):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     first, _, _ = fit(tiny_model, adapter, pairs, 1)
-    assert first.reference_cache.exists() and first.reference_cache.parent == tmp_path
+    assert first.reference.path.exists() and first.reference.path.parent == tmp_path
 
     computed = []
-    original = DPOModule._reference_rows
-    monkeypatch.setattr(DPOModule, "_reference_rows", lambda self, *a: computed.append(1) or original(self, *a))
+    original = ReferenceLogprobs._score_rows
+    monkeypatch.setattr(ReferenceLogprobs, "_score_rows", staticmethod(lambda *a: computed.append(1) or original(*a)))
     second, _, _ = fit(tiny_model, adapter, pairs, 1)
-    assert computed == [] and second.reference_cache == first.reference_cache
-    torch.testing.assert_close(second.reference_logps, first.reference_logps)
+    assert computed == [] and second.reference.path == first.reference.path
+    torch.testing.assert_close(second.reference.logps, first.reference.logps)
 
     write_pairs(pairs, N_PAIRS + 1)
     third, _, _ = fit(tiny_model, adapter, pairs, 1)
-    assert computed == [1] and third.reference_cache != first.reference_cache
-    assert third.reference_logps.shape[0] == N_PAIRS + 1
+    assert computed == [1] and third.reference.path != first.reference.path
+    assert third.reference.logps.shape[0] == N_PAIRS + 1
 
 
 def test_resume_without_its_reference_cache_refuses_to_recompute_it(tiny_model, adapter, tmp_path):
     folder = tmp_path / "dpo_lora"
     module, _, _ = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 1,
                        callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
-    module.reference_cache.unlink()
+    module.reference.path.unlink()
     with pytest.raises(FileNotFoundError, match="cannot be recomputed from trained weights"):
         fit(tiny_model, adapter, tmp_path / "pairs.jsonl", 2, ckpt_path=str(folder / "last.ckpt"))
 
@@ -254,7 +255,7 @@ def test_a_run_stopped_by_max_steps_extends_through_the_rest_of_its_epoch(tiny_m
 
 class PoisonReference(L.Callback):
     def on_train_start(self, trainer, pl_module):
-        pl_module.reference_logps.fill_(float("nan"))
+        pl_module.reference.logps.fill_(float("nan"))
 
 
 def test_non_finite_loss_stops_training_with_the_pairs_named(tiny_model, adapter, tmp_path):
@@ -281,7 +282,7 @@ def test_ddp_matches_one_process(tiny_model, adapter, tmp_path):
     losses = [row["train/loss"] for row in rows]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.02
     assert ddp["losses"] == pytest.approx(losses, abs=1e-5)
-    torch.testing.assert_close(torch.tensor(ddp["reference"]), single.reference_logps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(ddp["reference"]), single.reference.logps, atol=1e-4, rtol=0)
 
 
 def ddp_worker() -> None:
@@ -291,7 +292,7 @@ def ddp_worker() -> None:
     args = parser.parse_args()
     module, trainer, rows = fit(args.model, args.adapter, Path(args.pairs), 5, devices=2, batch_size=1, val_fraction=0.0)
     if trainer.is_global_zero:
-        result = {"losses": [row["train/loss"] for row in rows], "reference": module.reference_logps.tolist()}
+        result = {"losses": [row["train/loss"] for row in rows], "reference": module.reference.logps.tolist()}
         Path(args.out).write_text(json.dumps(result))
 
 
