@@ -4,17 +4,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from abel_lightning.losses.kl import K1, K3, KL_ESTIMATORS, kl_k1, kl_k3
+from abel_lightning.losses.objectives import PPOClip, TokenMean
 from abel_lightning.losses.ppo import (
-    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     gae,
-    kl_k1,
-    kl_k3,
     masked_mean,
     masked_var,
     masked_whiten,
-    ppo_policy_loss,
     token_rewards,
     value_loss,
 )
@@ -73,7 +71,7 @@ def test_kl_estimators_by_hand():
     # k3 with d = ref - logp = [0.5, -0.5, 1, 0]: e^d - d - 1
     #   = [1.6487213 - 1.5, 0.6065307 - 0.5, 2.7182818 - 2, 0] = [0.1487213, 0.1065307, 0.7182818, 0].
     assert_close(kl_k3(logprobs, ref_logprobs), t([0.1487212707, 0.1065306597, 0.7182818285, 0.0]))
-    assert KL_ESTIMATORS == {"k1": kl_k1, "k3": kl_k3}
+    assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
 
 
 def test_ppo_policy_loss_clips_only_the_optimistic_side():
@@ -81,7 +79,8 @@ def test_ppo_policy_loss_clips_only_the_optimistic_side():
     logprobs = t([[math.log(1.5), math.log(0.5), math.log(1.1), math.log(0.5), 3.0]]).requires_grad_()
     advantages = t([[1.0, -1.0, 2.0, 1.0, 5.0]])
     mask = t([[1, 1, 1, 1, 0]])
-    loss, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    per_token, stats = PPOClip(clip_range=0.2)(logprobs, old, advantages, mask)
+    loss = TokenMean()(per_token, mask)
     # Per token, max(-A * rho, -A * clip(rho, 0.8, 1.2)):
     #   rho 1.5, A  1: max(-1.5, -1.2) = -1.2  clipped
     #   rho 0.5, A -1: max( 0.5,  0.8) =  0.8  clipped
@@ -147,7 +146,8 @@ def test_token_rewards_put_the_score_on_the_last_real_token():
     logprobs = t([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
     ref_logprobs = t([[-1.5, -1.0, -0.5], [-1.0, -2.0, -3.0]])
     mask = t([[1, 1, 1], [1, 1, 0]])
-    rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1, estimator="k1")
+    kl = K1()(logprobs, ref_logprobs) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef=0.1)
     # k1 = logp - ref = [[0.5, 0, -0.5], [-1, 0, (1, padding)]] -> masked [[0.5, 0, -0.5], [-1, 0, 0]].
     # -0.1 * kl = [[-0.05, 0, 0.05], [0.1, 0, 0]]; score on the last real token: row 0 index 2, row 1 index 1:
     # [[-0.05, 0, 0.05 + 1], [0.1, 0 - 1, 0]].
@@ -155,14 +155,15 @@ def test_token_rewards_put_the_score_on_the_last_real_token():
     assert_close(rewards, t([[-0.05, 0.0, 1.05], [0.1, -1.0, 0.0]]))
 
 
-def test_token_rewards_k3_and_unknown_estimator():
+def test_token_rewards_with_k3_and_an_unknown_estimator():
     scores = t([0.0])
     logprobs = t([[-1.0, -2.0]])
     ref_logprobs = t([[-0.5, -3.0]])
     mask = t([[1, 1]])
     # d = ref - logp = [0.5, -1]: k3 = [e^0.5 - 1.5, e^-1 + 1 - 1] = [0.1487213, 0.3678794]; rewards = -2 * k3.
-    rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=2.0, estimator="k3")
+    kl = K3()(logprobs, ref_logprobs) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef=2.0)
     assert_close(kl, t([[0.1487212707, 0.3678794412]]))
     assert_close(rewards, t([[-0.2974425414, -0.7357588823]]))
     with pytest.raises(ValueError, match="k1"):
-        token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=2.0, estimator="k2")
+        KL_ESTIMATORS.resolve("k4")

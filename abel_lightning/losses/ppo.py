@@ -5,13 +5,11 @@ Every per-token tensor is ``[B, T]`` over response tokens, right-padded; ``mask`
 rollout side (rewards, advantages, returns) is meant to be computed under ``torch.no_grad()``.
 
 References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL-penalised reward and
-the adaptive KL controller), Schulman 2020 "Approximating KL divergence" (the k1/k3 estimators).
+the adaptive KL controller). The KL estimators are in ``kl.py``, the policy objectives in ``objectives.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -83,71 +81,6 @@ def gae(
         advantages[:, t] = running
     advantages = torch.where(real, advantages, zero)
     return advantages, advantages + values
-
-
-def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k1 estimator of KL(policy || ref) (Schulman 2020): ``log p - log p_ref``.
-
-    Unbiased, high variance, can be negative per token. Inputs and output: same shape (e.g. ``[B, T]``).
-    """
-    return logprobs - ref_logprobs
-
-
-def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(policy || ref) (Schulman 2020): ``exp(d) - d - 1`` with ``d = log p_ref - log p``.
-
-    Unbiased on samples from the policy, low variance, never negative. Inputs and output: same shape.
-    """
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
-
-
-def kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The KL estimator registered as ``name``; ValueError naming the registered ones otherwise."""
-    if name not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {name!r}; registered: {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[name]
-
-
-@dataclass
-class PolicyLossStats:
-    """Diagnostics of one policy-loss call, all detached scalars (masked means over tokens).
-
-    ``clip_fraction``: share of tokens where the clipped term was the one taken. ``approx_kl``:
-    ``0.5 * (log p - log p_old)^2``, an estimate of KL(old || new). ``ratio_mean``: mean of ``p / p_old``.
-    """
-
-    clip_fraction: Tensor
-    approx_kl: Tensor
-    ratio_mean: Tensor
-
-
-def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
-) -> tuple[Tensor, PolicyLossStats]:
-    """Clipped surrogate objective of PPO (Schulman et al. 2017, eq. 7), as a loss to minimise.
-
-    ``rho_t = exp(log p_t - log p_old_t)``;
-    ``L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))``, the mean over the batch's real tokens.
-
-    ``logprobs`` (with grad), ``old_logprobs``, ``advantages``, ``mask``: ``[B, T]``. Returns (scalar loss, stats);
-    ``stats.approx_kl`` is the masked mean of ``0.5 * (log p - log p_old)^2``.
-    """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = PolicyLossStats(
-            clip_fraction=masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
-            approx_kl=masked_mean(0.5 * log_ratio**2, mask),
-            ratio_mean=masked_mean(ratio, mask),
-        )
-    return loss, stats
 
 
 def value_loss(
@@ -223,20 +156,17 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-def token_rewards(
-    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator: str = "k1"
-) -> tuple[Tensor, Tensor]:
+def token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """KL-penalised per-token reward of Ziegler et al. 2019: ``r_t = -beta * KL_t``, plus the sequence score on the
     last real token of each row.
 
-    ``scores``: ``[B]``; ``logprobs``, ``ref_logprobs``, ``mask``: ``[B, T]``; ``estimator``: a key of
-    ``KL_ESTIMATORS``. Returns ``(rewards, kl)``, both ``[B, T]`` and 0 where ``mask`` is 0. A row with no real
-    token has nowhere to receive its score, so it gets none.
+    ``scores``: ``[B]``; ``kl`` (a per-token estimate from ``losses/kl.py``, 0 on padding), ``mask``: ``[B, T]``.
+    Returns ``[B, T]``, 0 where ``mask`` is 0. A row with no real token has nowhere to receive its score, so it gets
+    none.
     """
-    mask = mask.to(logprobs.dtype)
-    kl = kl_estimator(estimator)(logprobs, ref_logprobs) * mask
+    mask = mask.to(kl.dtype)
     positions = torch.arange(mask.shape[1], device=mask.device)
     # The largest masked-in position is the last real token; argmax keeps the first of equal maxima.
     last = (mask * positions).argmax(dim=1, keepdim=True)
     rewards = (-kl_coef * kl).scatter_add(1, last, scores.to(kl.dtype).unsqueeze(1))
-    return rewards * mask, kl
+    return rewards * mask

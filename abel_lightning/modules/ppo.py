@@ -3,30 +3,31 @@
 One ``training_step`` is one PPO iteration on a batch of questions:
 
 1. rollout: sample ``samples_per_question`` solutions per question from the current policy;
-2. score: reward 1.0 for a right final answer, else 0.0;
-3. evaluate: old log-probs and values (policy), reference log-probs (the same model with the adapter disabled);
-4. advantage: per-token KL penalty against the reference, then GAE with the value head (or GRPO / RLOO);
-5. update: ``ppo_epochs`` passes of clipped minibatch updates, stopped early once the approximate KL between the
+2. score: the reward of each question's group (default 1.0 for a right final answer, else 0.0);
+3. evaluate: old log-probs and values (policy), reference log-probs (the same model with the adapter disabled), and
+   the per-token KL between them;
+4. advantage: the estimator (default GAE with the value head over KL-penalised token rewards);
+5. update: ``ppo_epochs`` passes of minibatch updates of the policy objective (default PPO's clip), plus
+   ``kl_coef * KL`` per token when the KL penalty is in the loss, stopped early once the approximate KL between the
    new and the old policy exceeds ``target_kl``;
 6. KL control: the KL coefficient adapts towards ``kl_target`` (or stays fixed).
+
+Each algorithmic piece (reward, advantage estimator, KL estimator, policy objective, loss aggregation) is a component
+chosen by short name or by ``class_path`` (docs/EXTENDING.md).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import torch
 
-from abel_lightning.losses.advantages import ESTIMATORS_USING_CRITIC, advantage_estimator
-from abel_lightning.losses.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_estimator,
-    masked_mean,
-    ppo_policy_loss,
-    value_loss,
-)
+from abel_lightning.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator, AdvantageInputs
+from abel_lightning.losses.kl import KL_ESTIMATORS, KLEstimator
+from abel_lightning.losses.objectives import LOSS_AGGREGATIONS, POLICY_OBJECTIVES, LossAggregation, PolicyObjective
+from abel_lightning.losses.ppo import AdaptiveKLController, FixedKLController, masked_mean, value_loss
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.merged_copy import MergedCopy
@@ -34,7 +35,7 @@ from abel_lightning.models.sequences import SequenceBatch, pack_completions, res
 from abel_lightning.models.value_head import ValueHead
 from abel_lightning.modules.sharding import in_wrapped_forward, weights_sharded
 from abel_lightning.modules.trainable import LoRATrainingModule
-from abel_lightning.rewards import get_reward
+from abel_lightning.rewards import REWARDS, GroupReward
 
 
 class PPOModule(LoRATrainingModule):
@@ -48,21 +49,21 @@ class PPOModule(LoRATrainingModule):
         gradient_checkpointing: bool = True,
         sampling: SamplingSettings | None = None,
         samples_per_question: int = 1,
-        reward: str = "correctness",
-        advantage: str = "gae",
+        reward: str | GroupReward = "correctness",
+        advantage: str | AdvantageEstimator = "gae",
+        policy_objective: str | PolicyObjective = "ppo-clip",
+        loss_aggregation: str | LossAggregation = "token-mean",
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         ppo_epochs: int = 4,
         minibatch_size: int = 4,
-        clip_range: float = 0.2,
         clip_range_value: float = 0.2,
         vf_coef: float = 0.1,
-        gamma: float = 1.0,
-        lam: float = 0.95,
         init_kl_coef: float = 0.05,
         kl_target: float | None = 6.0,
         kl_horizon: int = 10000,
-        kl_penalty: str = "k1",
+        kl_penalty: str | KLEstimator | None = None,
+        kl_in: Literal["reward", "loss"] | None = None,
         target_kl: float | None = 0.1,
         max_grad_norm: float = 1.0,
         max_generation_rows: int | None = None,
@@ -77,22 +78,31 @@ class PPOModule(LoRATrainingModule):
             quantization: ``4bit`` (QLoRA, NF4) or ``8bit`` base via bitsandbytes; None keeps ``dtype``.
             gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
             sampling: temperature, top_p, max_new_tokens of the rollouts.
-            samples_per_question: k solutions per question (GRPO and RLOO need k >= 2).
-            reward: a name registered in ``abel_lightning.rewards`` (default: final-answer correctness).
-            advantage: ``gae`` (value head), ``grpo`` or ``rloo`` (critic-free), or any registered estimator.
+            samples_per_question: k solutions per question (the group estimators need k >= 2).
+            reward: a reward over each question's group (``abel_lightning.rewards``): ``correctness`` (1.0 for a
+                right final answer), ``regime_w`` (Regime W's coherence-shaped reward), or a ``class_path``.
+            advantage: ``gae`` (value head), ``grpo``, ``rloo``, ``reinforce++``, ``reinforce++-baseline``
+                (``abel_lightning.losses.advantages``), or a ``class_path``; its hyperparameters are its init_args.
+            policy_objective: ``ppo-clip`` (the seed's), ``dual-clip``, ``clip-higher``, ``gspo``
+                (``abel_lightning.losses.objectives``), or a ``class_path``; the clip ranges are its init_args.
+            loss_aggregation: per-token loss -> scalar: ``token-mean`` (the seed's), ``seq-mean-token-mean``,
+                ``seq-mean-token-sum-norm`` (Dr. GRPO), or a ``class_path``.
             learning_rate: AdamW learning rate of the LoRA (and value head) weights.
             weight_decay: AdamW weight decay.
             ppo_epochs: passes over each rollout batch.
             minibatch_size: rollout rows per optimizer step.
-            clip_range: PPO's epsilon for the probability ratio.
             clip_range_value: clipping of the value update around the old values.
             vf_coef: weight of the value loss in the joint loss.
-            gamma: discount over tokens.
-            lam: GAE's lambda.
             init_kl_coef: starting coefficient of the KL penalty against the reference policy.
             kl_target: KL (nats per sequence) the adaptive controller steers towards; None keeps the coefficient fixed.
             kl_horizon: the adaptive controller's horizon, in rollout rows.
-            kl_penalty: per-token KL estimator of the penalty: ``k1`` or ``k3``.
+            kl_penalty: per-token KL estimator (``abel_lightning.losses.kl``): ``k1``, ``k2``, ``k3`` or a
+                ``class_path`` (init_args ``clamp``); None: ``k1`` with the KL in the reward (the seed's), ``k3`` in the
+                loss (GRPO's: k1's gradient in the loss is 0 in expectation).
+            kl_in: where the KL penalty goes: ``reward`` (``score - kl_coef * KL`` before the advantage) or ``loss``
+                (``kl_coef * KL_t`` added to the per-token policy loss, as GRPO and TRL do); None: the estimator's
+                default, ``reward`` for gae and reinforce++, ``loss`` for the group estimators grpo, rloo and
+                reinforce++-baseline (so a group of equal scores carries no KL-only advantage).
             target_kl: stop an iteration's epochs once the approximate KL between new and old policy exceeds this;
                 None never stops early.
             max_grad_norm: gradient clipping by global norm.
@@ -105,9 +115,17 @@ class PPOModule(LoRATrainingModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.sampling = sampling or SamplingSettings()
-        self.reward_fn = get_reward(reward)
-        self.estimator = advantage_estimator(advantage)
-        self.uses_critic = advantage in ESTIMATORS_USING_CRITIC
+        self.reward_fn: GroupReward = REWARDS.resolve(reward)
+        self.estimator: AdvantageEstimator = ADVANTAGE_ESTIMATORS.resolve(advantage)
+        self.objective: PolicyObjective = POLICY_OBJECTIVES.resolve(policy_objective)
+        self.aggregate: LossAggregation = LOSS_AGGREGATIONS.resolve(loss_aggregation)
+        self.kl_in = kl_in or getattr(self.estimator, "kl_in", "reward")
+        if self.kl_in not in ("reward", "loss"):
+            raise ValueError(f"model.init_args.kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
+        self.kl_penalty: KLEstimator = KL_ESTIMATORS.resolve(
+            kl_penalty if kl_penalty is not None else ("k1" if self.kl_in == "reward" else "k3")
+        )
+        self.uses_critic = bool(getattr(self.estimator, "uses_critic", False))
         self.value_head: ValueHead | None = None
         self.kl_controller = (
             AdaptiveKLController(init_kl_coef, kl_target, kl_horizon)
@@ -132,29 +150,31 @@ class PPOModule(LoRATrainingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
-        rollout, scores, gen_stats = self.rollout(batch["prompt"], batch["gold_answer"])
+        rollout, scores, gen_stats = self.rollout(batch["question"], batch["prompt"], batch["gold_answer"])
         started = time.perf_counter()
         old, values, ref_logprobs = self.evaluate(rollout)
         evaluate_seconds = time.perf_counter() - started
         mask = rollout.response_mask
+        token_kl = self.kl_penalty(old.logprobs, ref_logprobs) * mask.to(old.logprobs.dtype)
+        kl_coef = self.kl_controller.value
         advantages, returns = self.estimator(
-            scores,
-            old.logprobs,
-            ref_logprobs,
-            values,
-            mask,
-            group_size=hp.samples_per_question,
-            kl_coef=self.kl_controller.value,
-            gamma=hp.gamma,
-            lam=hp.lam,
-            kl_estimator=hp.kl_penalty,
+            AdvantageInputs(
+                scores=scores,
+                kl=token_kl,
+                kl_coef=kl_coef if self.kl_in == "reward" else 0.0,
+                values=values,
+                mask=mask,
+                samples_per_question=hp.samples_per_question,
+                logprobs=old.logprobs,
+                ref_logprobs=ref_logprobs,
+            )
         )
         started = time.perf_counter()
-        update_stats = self.update(rollout, old.logprobs, values, advantages, returns)
+        loss_kl_coef = kl_coef if self.kl_in == "loss" else None
+        update_stats = self.update(rollout, old.logprobs, ref_logprobs, values, advantages, returns, loss_kl_coef)
         update_seconds = time.perf_counter() - started
 
-        kl = (kl_estimator(hp.kl_penalty)(old.logprobs, ref_logprobs) * mask).sum(-1).mean()
-        kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+        kl = self.trainer.strategy.reduce(token_kl.sum(-1).mean(), reduce_op="mean")
         self.kl_controller.update(float(kl), n_steps=len(scores) * self.trainer.world_size)
         self.log_dict(
             {
@@ -175,8 +195,10 @@ class PPOModule(LoRATrainingModule):
         self.log("reward", scores.mean(), prog_bar=True, sync_dist=True, batch_size=len(scores))
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], golds: list[str]) -> tuple[SequenceBatch, torch.Tensor, dict]:
-        """Sample k solutions per question and score them; rows come question by question."""
+    def rollout(
+        self, questions: list[str], prompts: list[str], golds: list[str]
+    ) -> tuple[SequenceBatch, torch.Tensor, dict]:
+        """Sample k solutions per question and score each question's group; rows come question by question."""
         k = self.hparams.samples_per_question
         started = time.perf_counter()
         self.policy.eval()
@@ -191,9 +213,15 @@ class PPOModule(LoRATrainingModule):
         )
         seconds = time.perf_counter() - started
         completions = [c for group in groups for c in group]
-        scores = [self.reward_fn(c.text, gold) for gold, group in zip(golds, groups) for c in group]
-        if not all(math.isfinite(s) for s in scores):
-            raise FloatingPointError(f"reward {self.hparams.reward!r} returned a non-finite value: {scores}")
+        scores = []
+        for question, gold, group in zip(questions, golds, groups):
+            rewards = self.reward_fn(question, [c.text for c in group], [c.num_tokens for c in group], gold)
+            if len(rewards) != len(group) or not all(math.isfinite(r) for r in rewards):
+                raise FloatingPointError(
+                    f"reward {self.reward_fn!r} returned {rewards} for a group of {len(group)} completions: it must "
+                    "return one finite float per completion"
+                )
+            scores += rewards
         tokens = sum(len(c.response_ids) for c in completions)
         stats = {"generation_seconds": seconds, "generation_tokens_per_s": tokens / seconds}
         rollout = pack_completions(completions, self.tokenizer.pad_token_id).to(self.device)
@@ -219,7 +247,9 @@ class PPOModule(LoRATrainingModule):
             ref = response_forward(self.policy, rollout, temperature)
         return old, values, ref.logprobs
 
-    def update(self, rollout, old_logprobs, old_values, advantages, returns) -> dict:
+    def update(self, rollout, old_logprobs, ref_logprobs, old_values, advantages, returns, loss_kl_coef) -> dict:
+        """``ppo_epochs`` passes of minibatch steps; ``loss_kl_coef`` is the KL coefficient when the penalty is in the
+        loss, None when it is in the reward."""
         hp = self.hparams
         optimizer = self.optimizers()
         self.policy.train()
@@ -231,7 +261,9 @@ class PPOModule(LoRATrainingModule):
                 loss, record = in_wrapped_forward(
                     self.trainer,
                     self,
-                    lambda: self.minibatch_loss(rollout, rows_mb, old_logprobs, old_values, advantages, returns),
+                    lambda: self.minibatch_loss(
+                        rollout, rows_mb, old_logprobs, ref_logprobs, old_values, advantages, returns, loss_kl_coef
+                    ),
                 )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -258,15 +290,25 @@ class PPOModule(LoRATrainingModule):
         summary["update_steps"] = float(len(step_stats))
         return summary
 
-    def minibatch_loss(self, rollout: SequenceBatch, rows: torch.Tensor, old_logprobs, old_values, advantages, returns):
-        """The clipped policy loss (plus ``vf_coef`` times the clipped value loss) of the rollout's ``rows``, and its
-        stats; ``old_values`` and ``returns`` are None without a critic."""
+    def minibatch_loss(
+        self, rollout: SequenceBatch, rows, old_logprobs, ref_logprobs, old_values, advantages, returns, loss_kl_coef
+    ):
+        """The policy objective's loss, aggregated over the rollout's ``rows`` (with ``loss_kl_coef * KL_t`` added per
+        token when the KL penalty is in the loss), plus ``vf_coef`` times the clipped value loss, and its stats;
+        ``old_values`` and ``returns`` are None without a critic."""
         hp = self.hparams
         minibatch = rollout.select(rows)
         mask = minibatch.response_mask
         out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
-        loss, stats = ppo_policy_loss(out.logprobs, old_logprobs[rows], advantages[rows], mask, hp.clip_range)
-        record = {"policy_loss": loss.detach(), "clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl.detach()}
+        per_token, stats = self.objective(out.logprobs, old_logprobs[rows], advantages[rows], mask)
+        record = {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl.detach()}
+        if loss_kl_coef is not None:
+            # GRPO's KL term (Shao et al. 2024, eq. 3): the current policy against the reference, with its gradient.
+            kl = self.kl_penalty(out.logprobs, ref_logprobs[rows])
+            per_token = per_token + loss_kl_coef * kl
+            record["kl_loss"] = masked_mean(kl.detach(), mask)
+        loss = self.aggregate(per_token, mask)
+        record["policy_loss"] = loss.detach()
         if self.uses_critic:
             values = self.value_head(out.hidden)
             v_loss, v_clip = value_loss(values, old_values[rows], returns[rows], mask, hp.clip_range_value)
