@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from abel_lightning.answers import extract_gold
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
-from abel_lightning.modules.sharding import weights_sharded
+from abel_lightning.distributed import weights_sharded
 from abel_lightning.prompts import format_prompt
 
 # Hub ids whose rows carry GSM8K's columns (question, answer) under config "main".

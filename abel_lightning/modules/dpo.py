@@ -31,7 +31,8 @@ from abel_lightning.data.preferences import EncodedPair, PreferenceBatch, Prefer
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOOutput, dpo_loss
 from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
-from abel_lightning.modules.sharding import in_wrapped_forward
+from abel_lightning.compat import fit_batch_index
+from abel_lightning.distributed import in_wrapped_forward, trainer_precision
 from abel_lightning.modules.trainable import LoRATrainingModule
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class DPOModule(LoRATrainingModule):
         out = self.preference_loss(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite DPO loss ({out.loss.item()}) at batch {self.trainer.fit_loop.total_batch_idx}, pairs "
+                f"non-finite DPO loss ({out.loss.item()}) at batch {fit_batch_index(self.trainer)}, pairs "
                 f"{batch.index.tolist()} of {self.trainer.datamodule.pairs_path}: lower model.learning_rate or "
                 "model.beta, check those pairs for empty responses, and resume from the last saved adapter"
             )
@@ -227,7 +228,7 @@ class DPOModule(LoRATrainingModule):
         rows = [torch.empty(0, 3, dtype=torch.float64, device=self.device)]
         for start in range(0, len(pairs), batch_size):
             batch = collate_pairs(pairs[start : start + batch_size], self.tokenizer.pad_token_id)
-            with self.trainer.precision_plugin.forward_context():
+            with trainer_precision(self.trainer):
                 chosen, rejected = sequence_logprobs(self.policy, batch.sequences.to(self.device)).chunk(2)
             rows.append(torch.stack([batch.index.to(self.device).double(), chosen.double(), rejected.double()], -1))
         return torch.cat(rows)
