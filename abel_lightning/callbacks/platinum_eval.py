@@ -21,8 +21,7 @@ from abel_lightning.answers import extract_answer, is_correct
 from abel_lightning.compat import set_callback_metric
 from abel_lightning.callbacks.resumable_writer import ResumableRecorder, answer_with_policy
 from abel_lightning.data.gsm8k import load_questions
-from abel_lightning.models.generation import SamplingSettings
-from abel_lightning.modules.policy import Answered
+from abel_lightning.models.generation import Answered, SamplingSettings
 from abel_lightning.schemas import EVAL
 
 SUFFIX = "_platinum_eval.jsonl"

@@ -29,8 +29,7 @@ import torch
 from abel_lightning.compat import show_on_progress_bar
 from abel_lightning.data.gsm8k import FILLER_ID, shard_questions
 from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
-from abel_lightning.models.generation import SamplingSettings, generate
-from abel_lightning.modules.policy import Answered
+from abel_lightning.models.generation import Answered, SamplingSettings, generate
 from abel_lightning.distributed import weights_sharded
 from abel_lightning.schemas import Schema
 

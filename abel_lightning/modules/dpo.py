@@ -33,6 +33,7 @@ from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantiz
 from abel_lightning.models.sequences import sequence_logprobs
 from abel_lightning.compat import fit_batch_index
 from abel_lightning.distributed import in_wrapped_forward, trainer_precision
+from abel_lightning.fingerprints import update_with_file
 from abel_lightning.modules.trainable import LoRATrainingModule
 
 log = logging.getLogger(__name__)
@@ -276,9 +277,7 @@ def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
+        update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
 
 import lightning as L
 
 from abel_lightning.data.gsm8k import FILLER_ID
-from abel_lightning.models.generation import Completion, SamplingSettings, generate
+from abel_lightning.models.generation import Answered, Arm, Completion, SamplingSettings, generate
 from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
 from abel_lightning.compat import attached_trainer
 from abel_lightning.distributed import weights_sharded
 from abel_lightning.prompts import format_prompt
-
-
-@dataclass
-class Arm:
-    """One sampling strategy of Regime W's k-armed bandit: its own decoding settings and, optionally, prompt."""
-
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    prompt_template: str | None = None
-
-
-@dataclass
-class Answered:
-    """A question with its sampled completions; ``arms[i]`` is the arm that produced ``completions[i]``."""
-
-    question: dict
-    completions: list[Completion]
-    arms: list[int]
 
 
 class PolicyModule(L.LightningModule):

@@ -268,6 +268,7 @@ class PPOModule(LoRATrainingModule):
         out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
         loss, stats = ppo_policy_loss(out.logprobs, old_logprobs[rows], advantages[rows], mask, hp.clip_range)
         record = {"policy_loss": loss.detach(), "clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl.detach()}
+        record["ratio_mean"] = stats.ratio_mean.detach()  # drifts from 1 as the epochs move the policy
         if self.uses_critic:
             values = self.value_head(out.hidden)
             v_loss, v_clip = value_loss(values, old_values[rows], returns[rows], mask, hp.clip_range_value)
