@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     # The baselines: the code paths as they were, restored by switching this session's changes off.
     if args.padded:
-        sequences.PACKABLE_MODEL_TYPES = ()
+        sequences.packable = lambda config: False
     if args.peft_input_casts:
         sequences.disable_input_dtype_casting = lambda model, active: contextlib.nullcontext()
 

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM
 from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
 from abel_lightning.data.preferences import PreferenceDataModule, collate_pairs, encode_response, held_out_questions
 from abel_lightning.jsonl import read_jsonl
-from abel_lightning.models.loading import ALL_PROJECTIONS, load_base, load_tokenizer, save_adapter
+from abel_lightning.models.architectures import ALL_PROJECTIONS
+from abel_lightning.models.loading import load_base, load_tokenizer, save_adapter
 from abel_lightning.models.loading import LoraSettings, attach_lora
 from abel_lightning.models.sequences import pack, sequence_logprobs
 from abel_lightning.modules.dpo import DPOModule

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 
+from abel_lightning.compat import fit_batch_index
+
 LAST = "last.ckpt"
 
 
@@ -21,7 +23,7 @@ class AdapterCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Training batches seen, across epochs and resumes: a PPO iteration, or a DPO micro-batch.
-        batches = trainer.fit_loop.total_batch_idx + 1
+        batches = fit_batch_index(trainer) + 1
         periodic = self.save_every > 0 and batches % self.save_every == 0
         # A run that max_steps stops mid-epoch is saved here, not at on_train_end: by then Lightning counts the epoch
         # as finished, and a resume with a larger max_steps would skip the rest of the epoch's batches.
@@ -30,7 +32,7 @@ class AdapterCheckpoint(L.Callback):
             self._saved_after_batch = batches
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if self._saved_after_batch != trainer.fit_loop.total_batch_idx + 1:
+        if self._saved_after_batch != fit_batch_index(trainer) + 1:
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:

@@ -18,10 +18,10 @@ from rich.console import Console
 from torchmetrics import SumMetric
 
 from abel_lightning.answers import extract_answer, is_correct
+from abel_lightning.compat import set_callback_metric
 from abel_lightning.callbacks.resumable_writer import ResumableRecorder, answer_with_policy
 from abel_lightning.data.gsm8k import load_questions
-from abel_lightning.models.generation import SamplingSettings
-from abel_lightning.modules.policy import Answered
+from abel_lightning.models.generation import Answered, SamplingSettings
 from abel_lightning.schemas import EVAL
 
 SUFFIX = "_platinum_eval.jsonl"
@@ -147,7 +147,7 @@ class PlatinumEval(ResumableRecorder):
             # The test loop is over (see resumable_writer: the merge runs in teardown), so self.log is closed:
             # the value goes to the loggers and to callback_metrics directly.
             metric_name = "platinum_accuracy"
-            trainer.callback_metrics[metric_name] = accuracy
+            set_callback_metric(trainer, metric_name, accuracy)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics({metric_name: self.accuracy}, step=trainer.global_step)

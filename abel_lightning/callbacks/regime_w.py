@@ -19,8 +19,7 @@ from rich.table import Table
 
 from abel_lightning.answers import extract_answer, is_correct
 from abel_lightning.callbacks.resumable_writer import ResumableRecorder, answer_with_policy
-from abel_lightning.models.generation import SamplingSettings
-from abel_lightning.modules.policy import Answered
+from abel_lightning.models.generation import Answered, SamplingSettings
 from abel_lightning.regime_w import RegimeWConfig, score_group
 from abel_lightning.schemas import ROLLOUT
 

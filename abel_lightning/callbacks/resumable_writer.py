@@ -25,13 +25,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+from abel_lightning.compat import show_on_progress_bar
 from abel_lightning.data.gsm8k import FILLER_ID, shard_questions
 from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
-from abel_lightning.models.generation import SamplingSettings, generate
-from abel_lightning.modules.policy import Answered
-from abel_lightning.modules.sharding import weights_sharded
+from abel_lightning.models.generation import Answered, SamplingSettings, generate
+from abel_lightning.distributed import weights_sharded
 from abel_lightning.schemas import Schema
 
 log = logging.getLogger(__name__)
@@ -234,32 +233,10 @@ class ResumableRecorder(L.Callback):
         """This rank's rates, on Lightning's progress bar when there is one, else in a log line every few batches."""
         seconds = max(time.perf_counter() - (self._started or time.perf_counter()), 1e-9)
         rates = f"{self._questions / seconds:.2f} questions/s, {self._tokens / seconds:.0f} tokens/s"
-        if _show_on_progress_bar(trainer, self.stage, rates):
+        if show_on_progress_bar(trainer, self.stage, rates):
             return
         if trainer.is_global_zero and self.log_every_n_batches > 0 and self._batches % self.log_every_n_batches == 0:
             log.info("%s: %d questions this run, %s (rank 0)", self.writer.path, self._questions, rates)
-
-
-_BAR_DESCRIPTIONS = {"predict": "Predicting", "test": "Testing"}
-
-
-def _show_on_progress_bar(trainer: L.Trainer, stage: str, text: str) -> bool:
-    """Put ``text`` on the running loop's bar (TQDM: postfix; Rich: description); False when there is no such bar
-    (progress bar disabled, rank > 0, or sampling inside ``fit``, which has no bar for it)."""
-    callback = trainer.progress_bar_callback
-    if callback is None or not callback.is_enabled or trainer.state.fn != stage or stage not in _BAR_DESCRIPTIONS:
-        return False
-    if isinstance(callback, TQDMProgressBar):
-        bar = callback.predict_progress_bar if stage == "predict" else callback.test_progress_bar
-        bar.set_postfix_str(text, refresh=False)
-        return True
-    if isinstance(callback, RichProgressBar):
-        task = getattr(callback, f"{stage}_progress_bar_id", None)
-        if callback.progress is None or task is None:
-            return False
-        callback.progress.update(task, description=f"{_BAR_DESCRIPTIONS[stage]} · {text}")
-        return True
-    return False
 
 
 def answer_with_policy(

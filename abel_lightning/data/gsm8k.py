@@ -15,11 +15,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from abel_lightning.answers import extract_gold
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
-from abel_lightning.modules.sharding import weights_sharded
+from abel_lightning.distributed import weights_sharded
 from abel_lightning.prompts import format_prompt
 
-# Hub ids whose rows carry GSM8K's columns (question, answer) under config "main".
-HUB_DATASETS = {"openai/gsm8k", "madrylab/gsm8k-platinum"}
 SOURCE_ROW = {"question": str, "answer": str}
 # Platinum's authors drop the questions they judged ill-posed; their release marks them so.
 DROPPED_STATUSES = {"rejected"}
@@ -72,7 +70,7 @@ def _read_rows(dataset: str, split: str, hub_config: str):
         for line, row in iter_numbered_jsonl(path, SOURCE_ROW):
             yield row, (str(path), line)
         return
-    if dataset not in HUB_DATASETS and "/" not in dataset:
+    if "/" not in dataset:  # a hub id is "<owner>/<name>"
         raise FileNotFoundError(f"{dataset}: neither a local JSONL file/folder nor a hub dataset id")
     try:
         from datasets import load_dataset

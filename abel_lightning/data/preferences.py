@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from abel_lightning.data.train_order import TrainLoader
+from abel_lightning.fingerprints import update_with_file
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.sequences import SequenceBatch, pack
 from abel_lightning.preferences import write_preferences
@@ -204,9 +205,7 @@ class PreferenceDataModule(L.LightningDataModule):
 def _fingerprint(path: Path, kinds: list[str] | None, max_prompt_length: int, max_length: int) -> str:
     """sha256 of the pairs file's bytes, the kinds kept and the truncation lengths."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+    update_with_file(digest, path)
     settings = {"kinds": kinds, "max_prompt_length": max_prompt_length, "max_length": max_length}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()

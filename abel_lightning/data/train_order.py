@@ -11,6 +11,8 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
+from abel_lightning.compat import fit_batch_index
+
 
 class EpochShuffle(DistributedSampler):
     """A seeded shuffle per epoch, dealt over the ranks, whose next pass can start some batches in.
@@ -47,7 +49,7 @@ class TrainLoader(DataLoader):
     def state_dict(self) -> dict:
         # Batches the loop has taken over the whole run (not those Lightning may have prefetched); an epoch is
         # num_training_batches of them, limit_train_batches included.
-        epoch, batches_done = divmod(self.trainer.fit_loop.total_batch_idx + 1, int(self.trainer.num_training_batches))
+        epoch, batches_done = divmod(fit_batch_index(self.trainer) + 1, int(self.trainer.num_training_batches))
         return {"epoch": epoch, "batches_done": batches_done, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -40,20 +40,28 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.generation.stopping_criteria import StopStringCriteria
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from abel_lightning.compat import (
+    apply_rotary_pos_emb,
+    decoder_layout_missing,
+    rms_norm_eps,
+    rope_type,
+    stop_blank_token,
+    stop_criterion_on,
+    stop_window,
+    tuner_layer_state,
+)
+from abel_lightning.models.architectures import decodable_model_types, fusable_norms
 
 if TYPE_CHECKING:
     from abel_lightning.models.generation import SamplingSettings
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Rotary variants whose module is a pure function of the positions; "dynamic" and "longrope" rescale on the host from
 # the longest position seen, which a graph cannot do and the static cache does not need.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Cache slots are allocated, and graphs captured, in multiples of this; a step attends over the smallest multiple
 # that holds its context, so early steps read less cache.
 KV_BUCKET = 128
-# RMSNorm modules whose forward :func:`_rms_norm` computes in one kernel.
-FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 # The host asks whether every row is done once per this many steps: at most this many steps are wasted at the end.
 CHECK_EVERY = 16
 # Eager steps before a capture: the first calls of cuBLAS and the attention kernels allocate workspaces and pick
@@ -109,9 +117,9 @@ def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(x)`` for the RMSNorm of Llama, Mistral and Qwen2 (``weight * (x / rms(x))``, in float32 then cast back)
     in one fused kernel instead of their eight small ones: a decode step runs 65 norms, and at these sizes each kernel
     costs its launch, not its bytes."""
-    if type(norm).__name__ not in FUSABLE_NORMS:
+    if type(norm).__name__ not in fusable_norms():
         return norm(x)
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype)
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=rms_norm_eps(norm)).to(x.dtype)
 
 
 def _attention_bias(mask: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
@@ -190,14 +198,13 @@ class _Workspace:
 def _refusal(model: PreTrainedModel) -> str | None:
     """Why the engine cannot decode ``model`` exactly as ``model.generate`` would, or None if it can."""
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    body = getattr(model, "model", None)
-    if body is None or not hasattr(body, "rotary_emb") or not hasattr(model, "lm_head"):
-        return f"{type(model).__name__} is not a causal LM with .model.rotary_emb and .lm_head"
-    rope_type = getattr(body.rotary_emb, "rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        return f"rope_type {rope_type!r} is not one of {SUPPORTED_ROPE_TYPES}"
+    if config.model_type not in decodable_model_types():
+        return f"model_type {config.model_type!r} is not one of {decodable_model_types()}"
+    missing = decoder_layout_missing(model)
+    if missing is not None:
+        return missing
+    if rope_type(model) not in SUPPORTED_ROPE_TYPES:
+        return f"rope_type {rope_type(model)!r} is not one of {SUPPORTED_ROPE_TYPES}"
     for name, neutral in NEUTRAL_PROCESSORS.items():
         value = getattr(model.generation_config, name, None)
         if value is not None and value != neutral:
@@ -210,11 +217,7 @@ def _weights_signature(model: nn.Module) -> tuple:
     computes (merged, adapters disabled, which adapters are active), and train/eval mode."""
     return (
         tuple(p.data_ptr() for p in model.parameters()),
-        tuple(
-            (m.merged, m.disable_adapters, tuple(m.active_adapters))
-            for m in model.modules()
-            if isinstance(m, BaseTunerLayer)
-        ),
+        tuple(tuner_layer_state(m) for m in model.modules() if isinstance(m, BaseTunerLayer)),
         model.training,
     )
 
@@ -279,7 +282,7 @@ class DecodeEngine:
                 # Buffers a graph reads are made before any capture, so that none lives in a graph's pool.
                 workspace.eos_ids(mode.eos_ids)
                 if stop is not None:
-                    workspace.window(stop.maximum_token_len)
+                    workspace.window(stop_window(stop))
                 step_widths = {_bucket(slot) for slot in range(width, width + settings.max_new_tokens - 1)}
                 for step_width in sorted(step_widths) if graphs else []:
                     if (rows, step_width, mode) not in workspace.graphs:
@@ -310,9 +313,7 @@ class DecodeEngine:
             raise ValueError("stop_strings need the tokenizer: pass tokenizer= to DecodeEngine.decode")
         key = (id(tokenizer), tuple(stop_strings))
         if key not in self._stop_criteria:
-            criterion = StopStringCriteria(tokenizer, stop_strings)
-            criterion.embedding_vec = criterion.embedding_vec.to(device)
-            criterion.target_lens = criterion.target_lens.to(device)
+            criterion = stop_criterion_on(StopStringCriteria(tokenizer, stop_strings), device)
             # The tokenizer rides along so that its id cannot be reused by another while the entry lives.
             self._stop_criteria[key] = (tokenizer, criterion)
         return self._stop_criteria[key][1]
@@ -420,9 +421,9 @@ class DecodeEngine:
         workspace.top_p.fill_(settings.top_p)
         workspace.min_new_tokens.fill_(settings.min_new_tokens)
         if mode.stop is not None:
-            recent = workspace.window(mode.stop.maximum_token_len)[:rows]
+            recent = workspace.window(stop_window(mode.stop))[:rows]
             # Slots before a short prompt hold an out-of-vocabulary id, which StopStringCriteria never matches.
-            recent.fill_(mode.stop.embedding_vec.shape[0] - 1)
+            recent.fill_(stop_blank_token(mode.stop))
             tail = input_ids[:, -recent.shape[1] :].repeat_interleave(num_samples, 0)
             recent[:, -tail.shape[1] :] = tail
         self._choose(workspace, rows, logits, mode)
@@ -455,7 +456,7 @@ class DecodeEngine:
         workspace.generated[:rows].index_copy_(1, workspace.count, token[:, None])
         ended = (token[:, None] == eos).any(-1)
         if mode.stop is not None:
-            recent = workspace.window(mode.stop.maximum_token_len)[:rows]
+            recent = workspace.window(stop_window(mode.stop))[:rows]
             recent.copy_(torch.cat([recent[:, 1:], token[:, None]], dim=1))
             ended |= mode.stop(recent, None)
         workspace.done[:rows].logical_or_(ended)

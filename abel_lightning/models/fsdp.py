@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-# The attribute FSDP keeps each unit's module under: it appears inside module and parameter names
-# (``layers.0._fsdp_wrapped_module.mlp``), never in the state dict's keys.
-FSDP_WRAPPER = "_fsdp_wrapped_module"
-
-
-def unwrapped_name(name: str) -> str:
-    """A module's or parameter's name as the state dict has it: without FSDP's wrapper segments."""
-    return name.replace(f"{FSDP_WRAPPER}.", "")
-
+from abel_lightning.models.architectures import is_decoder_layer
 
 def wrap_decoder_layers_and_lora(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP's auto-wrap policy: one unit per decoder layer, and one per trainable Linear inside it (LoRA's A and B).
@@ -23,6 +15,6 @@ def wrap_decoder_layers_and_lora(module: nn.Module, recurse: bool, nonwrapped_nu
     """
     if recurse:
         return True
-    if type(module).__name__.endswith("DecoderLayer"):
+    if is_decoder_layer(module):
         return True
     return isinstance(module, nn.Linear) and any(p.requires_grad for p in module.parameters(recurse=False))

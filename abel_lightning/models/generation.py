@@ -55,6 +55,23 @@ class Completion:
         return len(self.response_ids) - int(self.finished)
 
 
+@dataclass
+class Arm:
+    """One sampling strategy of Regime W's k-armed bandit: its own decoding settings and, optionally, prompt."""
+
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    prompt_template: str | None = None
+
+
+@dataclass
+class Answered:
+    """A question with its sampled completions; ``arms[i]`` is the arm that produced ``completions[i]``."""
+
+    question: dict
+    completions: list[Completion]
+    arms: list[int]
+
+
 @torch.no_grad()
 def generate(
     model,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +17,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from abel_lightning.models.fsdp import FSDP_WRAPPER
+from abel_lightning.compat import has_fsdp_wrappers
+from abel_lightning.models.architectures import default_lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +27,30 @@ BUILTIN_PREFIX = "builtin:"
 TRAINED_ADAPTER = "default"
 Quantization = Literal["4bit", "8bit"]
 
-# Mistral/Llama names: every attention and MLP projection, as QLoRA recommends.
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class LoraSettings:
-    """LoRA hyperparameters (Hu et al. 2021). Defaults: r=16, alpha=32 on all attention and MLP projections."""
+    """LoRA hyperparameters (Hu et al. 2021). Defaults: r=16, alpha=32 on all attention and MLP projections.
+
+    ``target_modules``: the module names to adapt, or PEFT's ``all-linear``; None takes the model family's default
+    from :mod:`abel_lightning.models.architectures` (every attention and MLP projection).
+    """
 
     r: int = 16
     alpha: int = 32
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    target_modules: list[str] | str | None = None
 
-    def to_peft(self) -> LoraConfig:
+    def to_peft(self, model_type: str | None = None) -> LoraConfig:
+        """PEFT's config for a model of ``model_type`` (the Hugging Face config's; None: Llama's projection names)."""
+        targets = self.target_modules if self.target_modules is not None else default_lora_targets(model_type)
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             # No dropout: PPO's ratio and DPO's reward compare the policy with itself or a reference at equal
             # weights, and dropout noise would make them differ (TRL disables it for the same reason).
             lora_dropout=0.0,
-            target_modules=list(self.target_modules),
+            target_modules=targets if isinstance(targets, str) else list(targets),
             task_type="CAUSAL_LM",
         )
 
@@ -137,7 +142,7 @@ def attach_lora(
             raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     else:
-        model = get_peft_model(base, (lora or LoraSettings()).to_peft())
+        model = get_peft_model(base, (lora or LoraSettings()).to_peft(base.config.model_type))
     if not trainable:
         model.requires_grad_(False)
     return model
@@ -151,7 +156,7 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: s
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None and any(FSDP_WRAPPER in name for name, _ in model.named_modules()):
+    if state_dict is not None and has_fsdp_wrappers(model):
         model = _unwrapped_skeleton(model)
     # Only the trained adapter: a module may hold others (DPO's frozen reference copy) that are not its output.
     model.save_pretrained(folder, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)

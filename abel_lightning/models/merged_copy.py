@@ -20,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
+from abel_lightning.compat import lora_deltas, lora_uses_dora, share_tensors
 from abel_lightning.models.loading import meta_model
 
 
@@ -36,7 +37,7 @@ class MergedCopy:
         for name, module in model.named_modules():
             source = base.get_submodule(name)
             if isinstance(source, LoraLayer):
-                if any(source.use_dora.values()):
+                if lora_uses_dora(source):
                     raise ValueError(f"{name}: DoRA layers are not merged here: sample from the policy itself")
                 layer = source.get_base_layer()
                 module.weight = nn.Parameter(torch.empty_like(layer.weight), requires_grad=False)
@@ -44,10 +45,7 @@ class MergedCopy:
                 self.adapted.append((source, module))
                 continue
             # Everything else is the base's own tensor (the tied embedding stays tied: both names give one tensor).
-            for key in module._parameters:
-                module._parameters[key] = source._parameters[key]
-            for key in module._buffers:
-                module._buffers[key] = source._buffers[key]
+            share_tensors(module, source)
             for key, value in list(vars(module).items()):  # plain tensor attributes (a rotary embedding's, say)
                 if isinstance(value, torch.Tensor) and value.is_meta:
                     setattr(module, key, getattr(source, key))
@@ -61,8 +59,7 @@ class MergedCopy:
         for lora, linear in self.adapted:
             weight = lora.get_base_layer().weight
             merged = weight.to(torch.float32, copy=True)  # never the base's own tensor, even when it is float32
-            for adapter in lora.active_adapters:
-                if adapter in lora.lora_A:
-                    merged += lora.get_delta_weight(adapter).float()
+            for delta in lora_deltas(lora):
+                merged += delta.float()
             linear.weight.copy_(merged)
         return self.model

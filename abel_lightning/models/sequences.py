@@ -13,6 +13,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 from torch import Tensor
 
+from abel_lightning.models.architectures import packable
 from abel_lightning.models.generation import Completion
 
 
@@ -74,11 +75,6 @@ class ForwardOutput:
     hidden: Tensor | None
 
 
-# Architectures whose Hugging Face attention keeps sequences that are packed into one row apart (their causal mask is
-# built from position_ids that restart at 0), so a batch can run without its padding.
-PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 def packing_pays(real: Tensor, config) -> bool:
     """Whether one packed row of the real tokens of ``real`` [B, T] costs fewer FLOPs than the padded batch.
 
@@ -100,8 +96,8 @@ def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with
 
     Padding-free where it pays (:func:`packing_pays`): the batch's real tokens run as one packed row (positions
     restarting at each sequence, which the model's causal mask turns into one block per sequence), and the LM head and
-    the softmax run only at the positions that predict a response token. Architectures outside
-    ``PACKABLE_MODEL_TYPES`` run padded.
+    the softmax run only at the positions that predict a response token. Architectures not marked ``packable`` in
+    :mod:`abel_lightning.models.architectures` run padded.
 
     Under autocast (bf16-mixed), LoRA layers take their inputs as they come and autocast casts them once: PEFT would
     first cast the bf16 activations to the float32 of the LoRA weights and autocast would cast them straight back,
@@ -113,7 +109,7 @@ def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with
     # The position that predicts each real response token: the last prompt token, then the response tokens before it.
     predicting = torch.zeros_like(real)
     predicting[:, start : start + width] = responses
-    packed = getattr(model.config, "model_type", None) in PACKABLE_MODEL_TYPES and packing_pays(real, model.config)
+    packed = packable(model.config) and packing_pays(real, model.config)
     with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(batch.input_ids.device.type)):
         if packed:
             keep = (real.flatten().cumsum(0) - 1).view_as(real)[predicting]  # their indices in the packed row

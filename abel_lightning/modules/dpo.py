@@ -27,6 +27,7 @@ from abel_lightning.data.preferences import PreferenceBatch, PreferenceDataModul
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOLoss, DPOOutput, PairLogps
 from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
+from abel_lightning.compat import fit_batch_index
 from abel_lightning.modules.reference_logprobs import ReferenceLogprobs, hash_files
 from abel_lightning.modules.trainable import LoRATrainingModule
 
@@ -99,7 +100,7 @@ class DPOModule(LoRATrainingModule):
         out = self.preference_loss(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite DPO loss ({out.loss.item()}) at batch {self.trainer.fit_loop.total_batch_idx}, pairs "
+                f"non-finite DPO loss ({out.loss.item()}) at batch {fit_batch_index(self.trainer)}, pairs "
                 f"{batch.index.tolist()} of {self.trainer.datamodule.pairs_path}: lower model.learning_rate or "
                 "the loss's beta, check those pairs for empty responses, and resume from the last saved adapter"
             )

@@ -8,32 +8,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
 
 import lightning as L
 
 from abel_lightning.data.gsm8k import FILLER_ID
-from abel_lightning.models.generation import Completion, SamplingSettings, generate
+from abel_lightning.models.generation import Answered, Arm, Completion, SamplingSettings, generate
 from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
-from abel_lightning.modules.sharding import weights_sharded
+from abel_lightning.compat import attached_trainer
+from abel_lightning.distributed import weights_sharded
 from abel_lightning.prompts import format_prompt
-
-
-@dataclass
-class Arm:
-    """One sampling strategy of Regime W's k-armed bandit: its own decoding settings and, optionally, prompt."""
-
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    prompt_template: str | None = None
-
-
-@dataclass
-class Answered:
-    """A question with its sampled completions; ``arms[i]`` is the arm that produced ``completions[i]``."""
-
-    question: dict
-    completions: list[Completion]
-    arms: list[int]
 
 
 class PolicyModule(L.LightningModule):
@@ -101,7 +84,7 @@ class PolicyModule(L.LightningModule):
         prompts = [q["prompt"] if template is None else format_prompt(q["question"], template) for q in questions]
         return generate(
             self.policy, self.tokenizer, prompts, sampling, k, self.hparams.max_batch_rows,
-            synced_gpus=weights_sharded(self._trainer),
+            synced_gpus=weights_sharded(attached_trainer(self)),
         )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[Answered]:

@@ -33,7 +33,8 @@ from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.merged_copy import MergedCopy
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
-from abel_lightning.modules.sharding import in_wrapped_forward, weights_sharded
+from abel_lightning.compat import attached_trainer, fit_batch_index
+from abel_lightning.distributed import in_wrapped_forward, weights_sharded
 from abel_lightning.modules.trainable import LoRATrainingModule
 from abel_lightning.rewards import REWARDS, GroupReward
 
@@ -209,7 +210,7 @@ class PPOModule(LoRATrainingModule):
             self.sampling,
             num_samples=k,
             max_batch_rows=self.hparams.max_generation_rows,
-            synced_gpus=weights_sharded(self._trainer),
+            synced_gpus=weights_sharded(attached_trainer(self)),
         )
         seconds = time.perf_counter() - started
         completions = [c for group in groups for c in group]
@@ -230,7 +231,7 @@ class PPOModule(LoRATrainingModule):
     def sampling_model(self):
         """What the rollouts decode with: the merged copy, brought up to date with the LoRA weights, or the policy."""
         hp = self.hparams
-        if not hp.sample_merged or hp.quantization is not None or weights_sharded(self._trainer):
+        if not hp.sample_merged or hp.quantization is not None or weights_sharded(attached_trainer(self)):
             return self.policy
         if self._merged is None:  # a plain attribute, not a submodule: never saved, wrapped or optimized
             self._merged = MergedCopy(self.policy)
@@ -267,7 +268,7 @@ class PPOModule(LoRATrainingModule):
                 )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"non-finite PPO loss at iteration {self.trainer.fit_loop.total_batch_idx}: the last good "
+                        f"non-finite PPO loss at iteration {fit_batch_index(self.trainer)}: the last good "
                         "adapter is the one saved before this step; lower model.learning_rate or raise "
                         "model.init_kl_coef and resume from it"
                     )
@@ -302,6 +303,7 @@ class PPOModule(LoRATrainingModule):
         out = response_forward(self.policy, minibatch, self.sampling.temperature, with_hidden=self.uses_critic)
         per_token, stats = self.objective(out.logprobs, old_logprobs[rows], advantages[rows], mask)
         record = {"clip_fraction": stats.clip_fraction, "approx_kl": stats.approx_kl.detach()}
+        record["ratio_mean"] = stats.ratio_mean.detach()  # drifts from 1 as the epochs move the policy
         if loss_kl_coef is not None:
             # GRPO's KL term (Shao et al. 2024, eq. 3): the current policy against the reference, with its gradient.
             kl = self.kl_penalty(out.logprobs, ref_logprobs[rows])

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from abel_lightning.data.preferences import EncodedPair, collate_pairs
+from abel_lightning.fingerprints import update_with_file
 from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from abel_lightning.models.sequences import SequenceBatch
-from abel_lightning.modules.sharding import in_wrapped_forward
+from abel_lightning.distributed import in_wrapped_forward, trainer_precision
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ReferenceLogprobs:
         rows = [torch.empty(0, 3, dtype=torch.float64, device=module.device)]
         for start in range(0, len(pairs), batch_size):
             batch = collate_pairs(pairs[start : start + batch_size], module.tokenizer.pad_token_id)
-            with module.trainer.precision_plugin.forward_context():
+            with trainer_precision(module.trainer):
                 chosen, rejected = score(batch.sequences.to(module.device)).chunk(2)
             rows.append(torch.stack([batch.index.to(module.device).double(), chosen.double(), rejected.double()], -1))
         return torch.cat(rows)
@@ -116,9 +117,7 @@ def hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
+        update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from abel_lightning.models.fsdp import unwrapped_name
+from abel_lightning.compat import unwrapped_name
+from abel_lightning.distributed import clip_gradients, weights_sharded
 from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
-from abel_lightning.modules.sharding import weights_sharded
 
 POLICY_PREFIX = "policy."
 
@@ -68,25 +68,7 @@ class LoRATrainingModule(L.LightningModule):
         self.policy.train()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and weights_sharded(self._trainer):
-            self.clip_sharded_gradients(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    @torch.no_grad()
-    def clip_sharded_gradients(self, max_norm: float) -> None:
-        """Clip by the global gradient norm when each rank holds a disjoint shard of the gradients (FSDP).
-
-        Lightning's FSDP precision plugin refuses norm clipping, and FSDP's own ``clip_grad_norm_`` insists on being
-        called outside the root module's forward, where PPO's in-step updates are. The norm is simple to do by hand:
-        the squared norms of the local shards, summed over ranks.
-        """
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        local = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
-        norm = self.trainer.strategy.reduce(local, reduce_op="sum").sqrt()
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale.to(grad.dtype))
+        clip_gradients(self, optimizer, self.trainable_parameters(), gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,100 @@
+"""The one seam between the modules and the strategy: what a module, a datamodule or a callback needs of device,
+precision and distribution, asked for by intent.
+
+Device, precision and distribution belong to the Trainer and its strategy, not to a LightningModule. A module that
+must differ when the weights are sharded (FSDP) says what it needs here (``weights_sharded``, ``in_wrapped_forward``,
+``clip_gradients``, ``trainer_precision``) and this file alone knows how the strategy does it. Reductions over ranks
+stay the strategy's own one-liners (``trainer.strategy.reduce``, ``self.all_gather``): they already say what they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import TypeVar
+
+import lightning as L
+import torch
+
+from abel_lightning.compat import attached_trainer
+
+T = TypeVar("T")
+
+
+def weights_sharded(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` shards the model's weights over ranks (FSDP). Then every rank must run the same forward
+    passes (``synced_gpus`` while generating), or their all-gathers stop matching and the ranks hang."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def in_wrapped_forward(trainer: L.Trainer, module: L.LightningModule, fn: Callable[[], T]) -> T:
+    """``fn()``, run as the forward of the strategy's wrapper around ``module`` when the weights are sharded.
+
+    FSDP arms its backward hooks (the gradient reduce-scatter, and the final callback that hands the sharded
+    gradients to the optimizer) on the outputs of its root unit's forward, and its weights are whole only inside a
+    forward. Lightning runs ``training_step`` there; a loss that a module builds and backpropagates itself (PPO's
+    minibatches) or a forward pass outside the loop (DPO's reference cache) must go through it too: without it,
+    backward leaves FSDP's units mid-backward and saving the adapter fails. Unsharded (one device, DDP), ``fn``
+    simply runs.
+    """
+    wrapper = trainer.strategy.model
+    if not weights_sharded(trainer) or wrapper is module:
+        return fn()
+    had_own_forward = "forward" in vars(module)
+    forward = module.forward
+
+    def redirected():
+        # Restore first, so that whatever fn calls sees the module as it was.
+        _restore(module, forward, had_own_forward)
+        return fn()
+
+    module.forward = redirected
+    try:
+        return wrapper()
+    finally:
+        _restore(module, forward, had_own_forward)
+
+
+def _restore(module, forward, had_own_forward: bool) -> None:
+    if had_own_forward:
+        module.forward = forward
+    else:
+        vars(module).pop("forward", None)
+
+
+def clip_gradients(
+    module: L.LightningModule,
+    optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    max_norm: float | None,
+    algorithm: str | None = None,
+) -> None:
+    """Clip the gradients of ``parameters`` (the module's trainable ones) as ``Trainer(gradient_clip_val=...)``
+    would, wherever the weights live: Lightning's own clipping, or by the global norm over all ranks' shards when the
+    weights are sharded (there Lightning's FSDP precision plugin refuses norm clipping, and FSDP's ``clip_grad_norm_``
+    insists on running outside the root module's forward, where PPO's in-step updates are)."""
+    trainer = attached_trainer(module)
+    if max_norm and weights_sharded(trainer):
+        _clip_sharded_gradients(trainer, list(parameters), max_norm)
+        return
+    module.clip_gradients(optimizer, max_norm, algorithm)
+
+
+@torch.no_grad()
+def _clip_sharded_gradients(trainer: L.Trainer, parameters: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients so that their global norm is at most ``max_norm``, when each rank holds a disjoint shard
+    of them: the norm is the square root of the local shards' squared norms summed over ranks."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=trainer.strategy.root_device))
+    norm = trainer.strategy.reduce(local, reduce_op="sum").sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+
+
+def trainer_precision(trainer: L.Trainer) -> AbstractContextManager:
+    """The Trainer's precision (autocast under ``bf16-mixed``, say) for a forward pass that a module runs outside
+    the loop's steps, such as DPO's reference pass before training, so that it computes what a training step would."""
+    return trainer.precision_plugin.forward_context()
