@@ -63,6 +63,18 @@ class Completion:
         return len(self.response_ids) - int(self.finished)
 
 
+@dataclass
+class Answered:
+    """A question with its sampled completions: ``completions[i]`` came from arm ``arms[i]`` (its index in the
+    sampler's arms), named ``arm_names[i]``, at ``temperatures[i]``."""
+
+    question: dict
+    completions: list[Completion]
+    arms: list[int]
+    arm_names: list[str]
+    temperatures: list[float]
+
+
 @torch.no_grad()
 def generate(
     model,
