@@ -54,10 +54,11 @@ def test_thompson_favours_the_accurate_arm_reproducibly_from_its_seed():
     # Beta(11, 1) against Beta(1, 11) and Beta(1, 1): arm 0 takes nearly every draw.
     shares = [thompson.allocate(f"train/{i}", 8).count(0) for i in range(50)]
     assert sum(shares) / (50 * 8) > 0.85
-    again = observed(Thompson(seed=3), outcomes, 3)
-    assert [again.allocate(f"train/{i}", 8) for i in range(50)] == [thompson.allocate(f"train/{i}", 8) for i in range(50)]
-    other = observed(Thompson(seed=4), outcomes, 3)
-    assert [other.allocate(f"train/{i}", 8) for i in range(50)] != [thompson.allocate(f"train/{i}", 8) for i in range(50)]
+    def choices(allocation):
+        return [allocation.allocate(f"train/{i}", 8) for i in range(50)]
+
+    assert choices(observed(Thompson(seed=3), outcomes, 3)) == choices(thompson)
+    assert choices(observed(Thompson(seed=4), outcomes, 3)) != choices(thompson)
     assert ALLOCATIONS.names() == ["thompson", "ucb", "uniform"]
 
 

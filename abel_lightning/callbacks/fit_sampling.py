@@ -24,8 +24,8 @@ def answer_with_policy(
     For sampling inside ``fit`` (after PPO, or evaluating every N steps), where no predict/test loop serves the
     questions. Rank r takes ``questions[r::world_size]``. Under FSDP the decoding is synchronized across ranks, so a
     share shorter than the largest is topped up with the filler question (the recorder drops its answers): every rank
-    then makes the same ``generate`` calls. The policy is put in eval mode (no dropout) and returned to its previous mode
-    afterwards.
+    then makes the same ``generate`` calls. The policy is put in eval mode (no dropout) and returned to its previous
+    mode afterwards.
     """
     sharded = weights_sharded(trainer)
     served, shard = shard_questions(questions, trainer.world_size, trainer.global_rank, even=sharded)

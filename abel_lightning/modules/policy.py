@@ -106,7 +106,8 @@ class PolicyModule(L.LightningModule):
                 if arm >= len(self.arms) or (name is not None and name != self.arms[arm].name):
                     raise ValueError(
                         f"{record['question_id']}: a trajectory of arm {arm} ({name!r}) does not match this run's arms "
-                        f"{[a.name for a in self.arms]}: resume with the arms that wrote the file, or write to a new one"
+                        f"{[a.name for a in self.arms]}: resume with the arms that wrote the file, or write to a new "
+                        "one"
                     )
                 self.allocation.observe(arm, trajectory["correct"], trajectory["reward"])
 
