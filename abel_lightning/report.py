@@ -10,7 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from abel_lightning.bandit import arm_statistics, arm_statistics_markdown, plot_arm_statistics  # noqa: E402
 from abel_lightning.compare import compare  # noqa: E402
+from abel_lightning.jsonl import read_jsonl  # noqa: E402
+from abel_lightning.schemas import ROLLOUT  # noqa: E402
 
 PPO_CURVES = {"reward": "mean reward", "kl": "KL to reference (nats / sequence)"}
 DPO_CURVES = {"train/loss": "DPO loss", "train/reward_accuracy": "reward accuracy"}
@@ -53,6 +56,10 @@ def write_report(run) -> Path:
     for row in results:
         lines.append(f"| {row['model']} | {row['accuracy']:.1%} | {row['ci_low']:.1%} – {row['ci_high']:.1%} | {row['n']} |")
     lines += ["", "![accuracy](accuracy.png)", ""]
+    stats = arm_statistics(read_jsonl(run.rollouts, ROLLOUT)) if run.rollouts.exists() else []
+    if stats:
+        plot_arm_statistics(stats, root / "arms.png")
+        lines += ["## Regime W arms (rollouts)", "", *arm_statistics_markdown(stats), "", "![arms](arms.png)", ""]
     for name, curves, title in (("ppo", PPO_CURVES, "PPO"), ("dpo", DPO_CURVES, "DPO")):
         png = plot_curves(read_metrics(run.logs / name), curves, title, root / f"{name}_curves.png")
         if png is not None:

@@ -10,25 +10,30 @@ pairs of ``--prompt-tokens`` + ``--response-tokens``. The reference log-probs ar
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import random
-import tempfile
-import time
+import sys
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.loggers import CSVLogger
+# `python bench/x.py` puts bench/ on sys.path, not the checkout: make `bench` importable from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from abel_lightning.data.preferences import PreferenceDataModule
-from abel_lightning.data.toy import make_problems
-from abel_lightning.jsonl import write_jsonl_atomic
-from abel_lightning.models import sequences
-from abel_lightning.models.loading import load_tokenizer
-from abel_lightning.prompts import format_prompt
-from bench.models import gib, materialize, matmul_tflops, training_flop
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from abel_lightning.data.preferences import PreferenceDataModule  # noqa: E402
+from abel_lightning.data.toy import make_problems  # noqa: E402
+from abel_lightning.jsonl import write_jsonl_atomic  # noqa: E402
+from abel_lightning.models import sequences  # noqa: E402
+from abel_lightning.models.loading import load_tokenizer  # noqa: E402
+from abel_lightning.prompts import format_prompt  # noqa: E402
+from bench.models import gib, materialize, matmul_tflops, training_flop  # noqa: E402
 
 
 def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, vary: bool = False) -> list[dict]:

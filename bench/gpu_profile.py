@@ -14,16 +14,21 @@ steps after three of warm-up.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
-from collections import defaultdict
+import sys
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+# `python bench/x.py` puts bench/ on sys.path, not the checkout: make `bench` importable from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.models import gib, materialize, matmul_tflops, training_flop
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.models import gib, materialize, matmul_tflops, training_flop  # noqa: E402
 
 KINDS = ("matmul", "attention", "copy/cast", "other")
 

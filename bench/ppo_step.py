@@ -9,22 +9,27 @@ is left out of the means.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import tempfile
+import sys
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.loggers import CSVLogger
+# `python bench/x.py` puts bench/ on sys.path, not the checkout: make `bench` importable from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from abel_lightning.data.gsm8k import GSM8KDataModule
-from abel_lightning.data.toy import write_toy_dataset
-from abel_lightning.jsonl import read_jsonl
-from abel_lightning.models.generation import SamplingSettings
-from abel_lightning.modules.ppo import PPOModule
-from abel_lightning.prompts import format_prompt
-from bench.models import gib, materialize, matmul_tflops, training_flop
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import tempfile  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from abel_lightning.data.gsm8k import GSM8KDataModule  # noqa: E402
+from abel_lightning.data.toy import write_toy_dataset  # noqa: E402
+from abel_lightning.jsonl import read_jsonl  # noqa: E402
+from abel_lightning.models.generation import SamplingSettings  # noqa: E402
+from abel_lightning.modules.ppo import PPOModule  # noqa: E402
+from abel_lightning.prompts import format_prompt  # noqa: E402
+from bench.models import gib, materialize, matmul_tflops, training_flop  # noqa: E402
 
 
 def main() -> None:

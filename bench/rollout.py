@@ -4,6 +4,12 @@ decode engine replaying CUDA graphs, and the same engine run eagerly. All in one
 untimed call (the first call of a process runs 3-4x slower; the engine captures its graphs in it).
 
     python bench/rollout.py --model mistral-7b-random --questions 64 --samples 8 --new-tokens 256
+    python bench/rollout.py --paths arms     # only the single-setting engine run against Regime W's 8 arms
+
+Regime W's arms (issue 18): "one setting" is the engine on k samples per prompt at temperature 0.7, top_p 0.95 (the
+seed's single setting); "8 arms" decodes the same rows as ``PolicyModule`` does with the shipped
+``configs/rollouts.yaml`` arms: each question's k rows with their own temperature (0.20-0.50) and top_p, side by side
+in one batch, the question's prompt prefilled once. Same rows, same lengths: the ratio is the cost of per-row settings.
 
 Prints questions/s and tokens/s of each path, the ratio to the baseline, and the share of the bandwidth limit: a
 decode step must read every weight and the KV cache of every row, so tokens/s <= rows x copy bandwidth / (weight
@@ -13,17 +19,23 @@ Random weights never emit EOS, and ``min_new_tokens`` keeps EOS out anyway, so e
 
 from __future__ import annotations
 
-import argparse
-import time
+import sys
+from pathlib import Path
 
-import torch
-from peft import get_peft_model
+# `python bench/x.py` puts bench/ on sys.path, not the checkout: make `bench` importable from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from abel_lightning.data.toy import make_problems
-from abel_lightning.models.decode_engine import decode_engine
-from abel_lightning.models.generation import SamplingSettings, generate
-from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
-from bench.models import gib, materialize
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+from abel_lightning.data.toy import make_problems  # noqa: E402
+from abel_lightning.models.decode_engine import decode_engine  # noqa: E402
+from abel_lightning.models.generation import SamplingSettings, generate  # noqa: E402
+from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer  # noqa: E402
+from bench.models import gib, materialize  # noqa: E402
 
 
 def prompts_of(tokenizer, n: int, prompt_tokens: int) -> list[str]:
@@ -71,6 +83,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=160)
+    parser.add_argument("--paths", choices=["all", "arms"], default="all",
+                        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine)")
     args = parser.parse_args()
 
     path = materialize(args.model)
@@ -88,6 +102,18 @@ def main() -> None:
                            min_new_tokens=args.new_tokens, num_return_sequences=args.samples,
                            pad_token_id=tokenizer.pad_token_id)
 
+    # The shipped configs/rollouts.yaml arms, cycled over the k samples of a question as the uniform allocation does.
+    arm_settings = [
+        SamplingSettings(**{**settings, "temperature": t, "top_p": 0.95 if t < 0.45 else 1.0})
+        for t in (0.20, 0.24, 0.29, 0.33, 0.37, 0.41, 0.46, 0.50)
+    ]
+
+    def arms():
+        rows_prompts = [p for p in prompts for _ in range(args.samples)]
+        per_row = [arm_settings[j % len(arm_settings)] for _ in prompts for j in range(args.samples)]
+        groups = generate(merged, tokenizer, rows_prompts, per_row, 1)
+        assert sum(len(c.response_ids) for group in groups for c in group) >= 0.98 * tokens, "rows ended early"
+
     def ours(**decoder):
         def run():
             groups = generate(merged, tokenizer, prompts, SamplingSettings(**settings, **decoder), args.samples)
@@ -102,11 +128,15 @@ def main() -> None:
         warmup[name] = timed(run)
         seconds[name] = timed(run)
 
-    measure("plain `model.generate`, PEFT adapter unmerged (baseline)", plain)
+    if args.paths == "all":
+        measure("plain `model.generate`, PEFT adapter unmerged (baseline)", plain)
     merged = model.merge_and_unload()
-    measure("abel-lightning `generate`, merged LoRA, engine hf (`model.generate`)", ours(engine="hf"))
-    measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs", ours(engine="static"))
-    measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
+    if args.paths == "all":
+        measure("abel-lightning `generate`, merged LoRA, engine hf (`model.generate`)", ours(engine="hf"))
+    measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, one setting", ours(engine="static"))
+    measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, 8 arms in one batch", arms)
+    if args.paths == "all":
+        measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
     capture_s = decode_engine(merged).capture_seconds
 
     bandwidth = copy_bandwidth()
@@ -116,6 +146,7 @@ def main() -> None:
     kv_bytes = slot_bytes * rows * mean_context
     limit = rows * bandwidth / (weight_bytes + kv_bytes)
 
+    # The ratio is to the first path measured: plain generate, or with --paths arms the one-setting engine run.
     baseline = tokens / next(iter(seconds.values()))
     print("\n| path | questions/s | tokens/s | ratio | % of bandwidth limit | warm-up call s |")
     print("|---|---|---|---|---|---|")

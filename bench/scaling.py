@@ -19,21 +19,25 @@ Ends by loading the last N-GPU DPO adapter with ``PeftModel.from_pretrained`` on
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from abel_lightning.data.toy import write_toy_dataset
-from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
-from abel_lightning.models.loading import load_tokenizer
-from bench.dpo_step import synthetic_pairs
-from bench.models import adapter_report, materialize
+# `python bench/x.py` puts bench/ on sys.path, not the checkout: make `bench` importable from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from abel_lightning.data.toy import write_toy_dataset  # noqa: E402
+from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic  # noqa: E402
+from abel_lightning.models.loading import load_tokenizer  # noqa: E402
+from bench.dpo_step import synthetic_pairs  # noqa: E402
+from bench.models import adapter_report, materialize  # noqa: E402
 
 CLI = [sys.executable, "-m", "abel_lightning.cli"]
 QUIET = ["--trainer.enable_progress_bar", "false"]

@@ -23,7 +23,6 @@ from abel_lightning.data.gsm8k import GSM8KDataModule
 from abel_lightning.models.generation import SamplingSettings
 from abel_lightning.models.loading import load_base, load_tokenizer
 from abel_lightning.modules.policy import PolicyModule
-from abel_lightning.regime_w import RegimeWConfig
 
 K = 4
 
@@ -35,7 +34,7 @@ def rollout_parts(
     sampling = SamplingSettings(max_new_tokens=8, temperature=1.0)
     module = PolicyModule(model=model, dtype="float32", sampling=sampling, samples_per_question=K)
     datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=n_samples, batch_size=2)
-    return module, datamodule, RegimeWCollector(output=output, regime_w=RegimeWConfig(k=K))
+    return module, datamodule, RegimeWCollector(output=output)
 
 
 def eval_parts(model: str, data: str, n_samples: int, output_dir: str) -> tuple[PolicyModule, GSM8KDataModule, PlatinumEval]:

@@ -189,3 +189,72 @@ def test_refuses_what_it_cannot_decode_exactly(tokenizer):
     llama.generation_config.repetition_penalty = 1.2
     with pytest.raises(ValueError, match="repetition_penalty"):
         decode_engine(llama)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_alone(tokenizer, device):
+    model = eos_prone(random_model("tiny-llama", tokenizer, seed=5, device=device).eval(), tokenizer, PROMPTS)
+    alone = generate(model, tokenizer, PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=16, engine="hf"))
+    longest = max(range(len(PROMPTS)), key=lambda i: len(alone[i][0].text))
+    text = alone[longest][0].text
+    stop = next(text[i : i + 2] for i in range(2, len(text) - 2) if text[i : i + 2].isascii())
+    per_prompt = [SamplingSettings(temperature=0.0, max_new_tokens=n) for n in (16, 5, 16, 9)]
+    per_prompt[longest] = SamplingSettings(temperature=0.0, max_new_tokens=16, stop_strings=[stop])
+    per_prompt[(longest + 1) % 4].stop_strings = ["\n\n"]
+    expected = [generate(model, tokenizer, [p], SamplingSettings(**{**vars(s), "engine": "hf"}))[0]
+                for p, s in zip(PROMPTS, per_prompt)]
+    for engine in ("static", "hf"):
+        together = generate(model, tokenizer, PROMPTS, [SamplingSettings(**{**vars(s), "engine": engine})
+                                                        for s in per_prompt])
+        assert [[c.response_ids for c in g] for g in together] == [[c.response_ids for c in g] for g in expected]
+    assert stop in together[longest][0].text and len(together[longest][0].response_ids) < 16
+    assert all(len(g[0].response_ids) <= s.max_new_tokens for g, s in zip(together, per_prompt))
+    assert len({len(g[0].response_ids) for g in together}) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_row_samples_from_its_own_temperature_and_greedy_rows_stay_greedy(tokenizer, device):
+    model = random_model("tiny-llama", tokenizer, seed=4, device=device).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    prompts = ["Weng earns $12 an hour"] * 3
+    per_prompt = [
+        SamplingSettings(temperature=0.0, max_new_tokens=1),
+        SamplingSettings(temperature=0.5, max_new_tokens=1),
+        SamplingSettings(temperature=1.3, top_p=0.9, max_new_tokens=1),
+    ]
+    encoded = tokenizer(prompts, return_tensors="pt").to(device)
+    rows = 4000
+    never = len(tokenizer) - 1
+    torch.manual_seed(0)
+    tokens = decode_engine(model).decode(
+        encoded["input_ids"], encoded["attention_mask"], per_prompt, rows, [never], tokenizer.pad_token_id
+    )[:, 0].view(3, rows).cpu()
+    with torch.no_grad():
+        logits = model(**tokenizer(prompts[:1], return_tensors="pt").to(device)).logits[0, -1].double().cpu()
+    assert (tokens[0] == logits.argmax()).all()
+    for drawn, (temperature, top_p) in zip(tokens[1:], [(0.5, 1.0), (1.3, 0.9)]):
+        expected = expected_distribution(logits, temperature, top_p)
+        frequencies = drawn.bincount(minlength=len(expected)).double() / rows
+        assert (frequencies - expected).abs().max() < 0.04  # sd <= sqrt(0.25 / 4000) = 0.008
+    # The two settings' distributions differ by far more than the tolerance: one setting for all rows would fail.
+    assert (expected_distribution(logits, 0.5, 1.0) - expected_distribution(logits, 1.3, 0.9)).abs().max() > 0.1
+
+
+def test_hf_path_samples_each_row_from_its_own_temperature(tokenizer):
+    model = random_model("tiny-llama", tokenizer, seed=4).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    prompt = "Weng earns $12 an hour"
+    per_prompt = [SamplingSettings(temperature=t, max_new_tokens=1, engine="hf") for t in (0.0, 0.5, 1.3)]
+    torch.manual_seed(0)
+    groups = generate(model, tokenizer, [prompt] * 3, per_prompt, samples_per_question=1500)
+    with torch.no_grad():
+        logits = model(**tokenizer([prompt], return_tensors="pt")).logits[0, -1].double()
+    first = [torch.tensor([c.response_ids[0] for c in group]) for group in groups]
+    assert (first[0] == logits.argmax()).all()
+    for drawn, temperature in zip(first[1:], (0.5, 1.3)):
+        expected = expected_distribution(logits, temperature, 1.0)
+        frequencies = drawn.bincount(minlength=len(expected)).double() / len(drawn)
+        assert (frequencies - expected).abs().max() < 0.06  # sd <= sqrt(0.25 / 1500) = 0.013
+    assert (expected_distribution(logits, 0.5, 1.0) - expected_distribution(logits, 1.3, 1.0)).abs().max() > 0.12

@@ -14,10 +14,9 @@ import pytest
 
 from abel_lightning.answers import extract_answer, is_correct
 from abel_lightning.callbacks.regime_w import RegimeWCollector
-from abel_lightning.callbacks.resumable_writer import ResumableJsonl, source_row
+from abel_lightning.callbacks.resumable_jsonl import ResumableJsonl, source_row
 from abel_lightning.data.gsm8k import GSM8KDataModule, load_questions
 from abel_lightning.jsonl import read_jsonl
-from abel_lightning.regime_w import RegimeWConfig
 from abel_lightning.schemas import ROLLOUT
 from policy_phase_script import K, TinyTrainingModule, rollout_parts, trainer
 
@@ -128,7 +127,7 @@ def test_rollouts_after_fit_from_the_training_policy(tiny_model, shared_data, tm
     output = tmp_path / "rollouts.jsonl"
     data = str(shared_data / "gsm8k/train.jsonl")
     datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=4, batch_size=2)
-    collector = RegimeWCollector(output=str(output), regime_w=RegimeWConfig(k=2), after_fit=True, batch_size=3)
+    collector = RegimeWCollector(output=str(output), after_fit=True, samples_per_question=2, batch_size=3)
     trainer([collector], max_steps=1).fit(TinyTrainingModule(tiny_model), datamodule=datamodule)
 
     records = read_jsonl(output, ROLLOUT)

@@ -1,5 +1,5 @@
 """Phase 5: GSM8K Platinum evaluation. Writes one EVAL record per question to
-``<output_dir>/<name>_platinum_eval.jsonl`` (resumably, see :mod:`abel_lightning.callbacks.resumable_writer`) and
+``<output_dir>/<name>_platinum_eval.jsonl`` (resumably, see :mod:`abel_lightning.callbacks.resumable_jsonl`) and
 reports the accuracy over the whole file.
 
     abel-lightning test --config configs/eval.yaml [--model.adapter checkpoints/abel_dpo_lora]
@@ -18,8 +18,8 @@ from rich.console import Console
 from torchmetrics import SumMetric
 
 from abel_lightning.answers import extract_answer, is_correct
+from abel_lightning.callbacks.recorder import ResumableRecorder
 from abel_lightning.compat import set_callback_metric
-from abel_lightning.callbacks.resumable_writer import ResumableRecorder, answer_with_policy
 from abel_lightning.data.gsm8k import load_questions
 from abel_lightning.models.generation import Answered, SamplingSettings
 from abel_lightning.schemas import EVAL
@@ -144,7 +144,7 @@ class PlatinumEval(ResumableRecorder):
             metric_name = "val/platinum_accuracy"
             pl_module.log(metric_name, accuracy)
         else:
-            # The test loop is over (see resumable_writer: the merge runs in teardown), so self.log is closed:
+            # The test loop is over (see callbacks.recorder: the merge runs in teardown), so self.log is closed:
             # the value goes to the loggers and to callback_metrics directly.
             metric_name = "platinum_accuracy"
             set_callback_metric(trainer, metric_name, accuracy)
@@ -173,9 +173,5 @@ class PlatinumEval(ResumableRecorder):
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        self.start(trainer, self.output_dir / f"{self.model_name(pl_module)}_step{step}{SUFFIX}")
-        done = {record["question_id"] for record in self.earlier}
-        pending = [q for q in self._fit_questions if q["question_id"] not in done]
-        for answered in answer_with_policy(trainer, pl_module, pending, self.sampling, 1, self.batch_size):
-            self.record(trainer, answered)
-        self.finish(trainer, pl_module)
+        path = self.output_dir / f"{self.model_name(pl_module)}_step{step}{SUFFIX}"
+        self.record_from_policy(trainer, pl_module, path, self._fit_questions, self.sampling, 1, self.batch_size)

@@ -1,10 +1,12 @@
 """Phase 2: Regime W rollouts. Scores each question's group of sampled solutions and writes one ROLLOUT record per
-question, resumably (see :mod:`abel_lightning.callbacks.resumable_writer`).
+question, resumably (see :mod:`abel_lightning.callbacks.resumable_jsonl`).
 
     abel-lightning predict --config configs/rollouts.yaml
 
-Also usable at the end of a PPO ``fit`` (``after_fit: true``): it then samples ``regime_w.k`` solutions per question of
-the fit's datamodule from the module's ``policy`` with the module's ``sampling`` settings.
+Also usable at the end of a PPO ``fit`` (``after_fit: true``): it then samples ``samples_per_question`` solutions per
+question of the fit's datamodule from the module's ``policy`` with the module's ``sampling`` settings (one arm).
+
+At the end it prints the per-arm statistics (``bandit.arm_statistics``) and plots them to ``<output stem>_arms.png``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
 from abel_lightning.answers import extract_answer, is_correct
-from abel_lightning.callbacks.resumable_writer import ResumableRecorder, answer_with_policy
-from abel_lightning.models.generation import Answered, SamplingSettings
+from abel_lightning.bandit import arm_statistics, plot_arm_statistics
+from abel_lightning.callbacks.recorder import ResumableRecorder
+from abel_lightning.models.generation import Answered
 from abel_lightning.regime_w import RegimeWConfig, score_group
 from abel_lightning.schemas import ROLLOUT
 
@@ -44,9 +46,10 @@ def rollout_record(answered: Answered, config: RegimeWConfig) -> dict:
         "s_cf": scores.s_cf,
         "s_wm": scores.s_wm,
         "trajectories": [
-            {"full_text": text, "answer": answer, "num_tokens": tokens, "reward": reward, "correct": right, "arm": arm}
-            for text, answer, tokens, reward, right, arm in zip(
-                texts, answers, num_tokens, rewards, correct, answered.arms
+            {"full_text": text, "answer": answer, "num_tokens": tokens, "reward": reward, "correct": right, "arm": arm,
+             "arm_name": name, "temperature": temperature}
+            for text, answer, tokens, reward, right, arm, name, temperature in zip(
+                texts, answers, num_tokens, rewards, correct, answered.arms, answered.arm_names, answered.temperatures
             )
         ],
     }
@@ -55,8 +58,9 @@ def rollout_record(answered: Answered, config: RegimeWConfig) -> dict:
 class RegimeWCollector(ResumableRecorder):
     """Writes the Regime W rollouts of ``trainer.predict`` (or of the end of ``fit``) to ``output``.
 
-    In ``predict`` the policy module decides k (``samples_per_question``, or one per arm); ``regime_w`` supplies the
-    scoring constants, and its ``k`` is the sample count of the ``after_fit`` path.
+    In ``predict`` the policy module decides k and the arms (``PolicyModule.samples_per_question``, ``arms``); each
+    written batch, and on a resume the records already on disk, go to the module's ``observe`` so that a learning
+    allocation (``ucb``, ``thompson``) continues from where it was. ``regime_w`` supplies the scoring constants.
     """
 
     stage = "predict"
@@ -67,6 +71,7 @@ class RegimeWCollector(ResumableRecorder):
         output: str = "data/abel_regime_w_rollouts.jsonl",
         regime_w: RegimeWConfig | None = None,
         after_fit: bool = False,
+        samples_per_question: int = 8,
         batch_size: int = 4,
         log_every_n_batches: int = 10,
     ):
@@ -75,6 +80,7 @@ class RegimeWCollector(ResumableRecorder):
             output: the rollouts file (JSONL, one question per line, in source order).
             regime_w: Regime W weights and reward constants; None takes the reference defaults.
             after_fit: also collect rollouts when ``fit`` ends, from the trained policy on the fit's questions.
+            samples_per_question: k on the ``after_fit`` path (in ``predict`` the policy module's decides).
             batch_size: questions per ``generate`` call on the ``after_fit`` path.
             log_every_n_batches: without a progress bar, log the rates every this many batches (0: never).
         """
@@ -82,31 +88,31 @@ class RegimeWCollector(ResumableRecorder):
         self.output = output
         self.regime_w = regime_w or RegimeWConfig()
         self.after_fit = after_fit
+        self.samples_per_question = samples_per_question
         self.batch_size = batch_size
-        self._warned_k = False
+        self._learner = None
 
     def output_path(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         return Path(self.output)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # A module with an arm allocation learns from the rollouts; a resumed run first replays those on disk.
+        self._learner = getattr(pl_module, "observe", None) if stage == self.stage else None
+        if self._learner is not None:
+            pl_module.restore_allocation(self.earlier)
+
     def to_records(self, answered: list[Answered]) -> list[dict]:
-        if not self._warned_k and any(len(a.completions) != self.regime_w.k for a in answered):
-            rank_zero_warn(
-                f"the policy sampled {len(answered[0].completions)} solutions per question but regime_w.k is "
-                f"{self.regime_w.k}; the groups are scored as sampled (set model.samples_per_question to match)"
-            )
-            self._warned_k = True
         return [rollout_record(a, self.regime_w) for a in answered]
 
+    def on_records(self, records: list[dict]) -> None:
+        if self._learner is not None:
+            self._learner(records)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.after_fit:
-            return
-        self.start(trainer, Path(self.output))
-        done = {record["question_id"] for record in self.earlier}
-        pending = [q for q in trainer.datamodule.questions if q["question_id"] not in done]
-        sampling: SamplingSettings = pl_module.sampling
-        for answered in answer_with_policy(trainer, pl_module, pending, sampling, self.regime_w.k, self.batch_size):
-            self.record(trainer, answered)
-        self.finish(trainer, pl_module)
+        if self.after_fit:
+            self.record_from_policy(trainer, pl_module, Path(self.output), trainer.datamodule.questions,
+                                    pl_module.sampling, self.samples_per_question, self.batch_size)
 
     def summarize(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: list[dict] | None, run: dict) -> None:
         if merged is None:
@@ -124,3 +130,21 @@ class RegimeWCollector(ResumableRecorder):
         table.add_row("questions/s (this run)", f"{run['questions_per_s']:.2f}")
         table.add_row("tokens/s (this run)", f"{run['tokens_per_s']:.0f}")
         Console().print(table)
+        stats = arm_statistics(merged)
+        if not stats:
+            return
+        arms = Table(title="Regime W arms (the whole file)")
+        for column in ("arm", "temperature", "samples", "accuracy", "mean reward", "mean tokens", "majority share"):
+            arms.add_column(column, justify="left" if column == "arm" else "right")
+        for row in stats:
+            temperature = "" if row["temperature"] is None else f"{row['temperature']:g}"
+            arms.add_row(f"{row['arm']} {row['name']}", temperature, str(row["samples"]), f"{row['accuracy']:.4f}",
+                         f"{row['mean_reward']:.4f}", f"{row['mean_tokens']:.1f}", f"{row['majority_share']:.4f}")
+        Console().print(arms)
+        plot_arm_statistics(stats, self.arms_plot)
+
+    @property
+    def arms_plot(self) -> Path:
+        """Where the per-arm plot goes: ``<output stem>_arms.png`` beside the rollouts file."""
+        output = Path(self.output)
+        return output.with_name(f"{output.stem}_arms.png")

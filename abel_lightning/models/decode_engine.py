@@ -31,6 +31,7 @@ import functools
 import time
 import weakref
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -91,26 +92,37 @@ NEUTRAL_PROCESSORS = {
 }
 
 
-def sample_tokens(logits: Tensor, greedy: bool, temperature: Tensor, top_p: Tensor | None) -> Tensor:
+def nucleus_tail(logits: Tensor, top_p: Tensor) -> Tensor:
+    """The tokens top-p sampling drops from ``logits`` [B, V], with ``top_p`` [1] or [B, 1]: HF's
+    ``TopPLogitsWarper``, the tail whose cumulative probability is at most 1 - top_p, the top token always kept."""
+    ascending, order = torch.sort(logits, descending=False)
+    tail = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+    tail[..., -1].fill_(False)
+    return tail.scatter(-1, order, tail)
+
+
+def sample_tokens(
+    logits: Tensor, greedy: bool, temperature: Tensor, top_p: Tensor | None, greedy_rows: Tensor | None = None
+) -> Tensor:
     """The next token of each row from ``logits`` [B, V] (float32): argmax if ``greedy``, else a sample.
 
-    Sampling follows ``model.generate``: logits / ``temperature`` [1], then, with ``top_p`` [1], keep the most likely
-    tokens whose probability mass reaches ``top_p`` (HF's ``TopPLogitsWarper``: drop the tail whose cumulative mass
-    is at most 1 - top_p, always keeping the top token). The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token:
-    ``P(argmax = i) = p_i``, and it needs no host synchronisation, unlike ``torch.multinomial``.
+    Sampling follows ``model.generate``: logits / ``temperature`` ([1], or [B, 1] for a temperature per row), then,
+    with ``top_p`` ([1] or [B, 1]), keep the most likely tokens whose probability mass reaches ``top_p``
+    (:func:`nucleus_tail`). The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token: ``P(argmax = i) = p_i``, and
+    it needs no host synchronisation, unlike ``torch.multinomial``. ``greedy_rows`` [B] (bool) marks rows decoded
+    greedily in a sampled batch (their temperature entry must be positive; it is not used).
     """
     if greedy:
         return logits.argmax(-1)
+    best = logits.argmax(-1) if greedy_rows is not None else None
     logits = logits / temperature
     if top_p is not None:
-        ascending, order = torch.sort(logits, descending=False)
-        tail = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        tail[..., -1].fill_(False)
-        logits = logits.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
+        logits = logits.masked_fill(nucleus_tail(logits, top_p), float("-inf"))
     probs = logits.softmax(-1)
     # An exact zero from the exponential would turn 0/0 into NaN, which argmax prefers to anything.
     race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(-1)
+    drawn = (probs / race).argmax(-1)
+    return drawn if best is None else torch.where(greedy_rows, best, drawn)
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -147,11 +159,14 @@ def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: fl
 class _Mode:
     """What a decode step's code depends on, beyond the buffers: part of the key of a captured graph."""
 
-    greedy: bool
-    nucleus: bool  # top_p < 1
+    greedy: bool  # every row greedy
+    mixed: bool  # some rows greedy, the others sampled (per-row settings)
+    nucleus: bool  # some sampled row has top_p < 1
     eos_ids: tuple[int, ...]
     pad_id: int
-    stop: StopStringCriteria | None  # compared by identity: the engine keeps one per tokenizer and strings
+    # One matcher per distinct stop-string list, each applying to the rows in ``_Workspace.stop_rows(i)``; compared
+    # by identity: the engine keeps one per tokenizer and strings.
+    stops: tuple[StopStringCriteria, ...]
 
 
 def _bucket(slot: int) -> int:
@@ -175,12 +190,17 @@ class _Workspace:
         self.generated = torch.zeros(rows, capacity, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot of ``tokens`` (every row's)
         self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens generated so far
-        self.temperature = torch.ones(1, device=device)
-        self.top_p = torch.ones(1, device=device)
-        self.min_new_tokens = torch.zeros(1, dtype=torch.long, device=device)
+        # Each row's sampling settings (rows of one batch may differ: Regime W's arms decode side by side).
+        self.temperature = torch.ones(rows, 1, device=device)
+        self.top_p = torch.ones(rows, 1, device=device)
+        self.greedy_rows = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.min_new_tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.max_new_tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.eos: dict[tuple[int, ...], Tensor] = {}
         # Per stop-string window width: each row's last tokens, which StopStringCriteria reads.
         self.recent: dict[int, Tensor] = {}
+        # Per stop matcher of a mode (by position): the rows it applies to.
+        self.stop_masks: dict[int, Tensor] = {}
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.keys.is_cuda else None
 
@@ -193,6 +213,11 @@ class _Workspace:
         if width not in self.recent:
             self.recent[width] = torch.zeros(self.rows, width, dtype=torch.long, device=self.keys.device)
         return self.recent[width]
+
+    def stop_rows(self, index: int) -> Tensor:
+        if index not in self.stop_masks:
+            self.stop_masks[index] = torch.zeros(self.rows, dtype=torch.bool, device=self.keys.device)
+        return self.stop_masks[index]
 
 
 def _refusal(model: PreTrainedModel) -> str | None:
@@ -254,7 +279,7 @@ class DecodeEngine:
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        settings: SamplingSettings,
+        settings: SamplingSettings | Sequence[SamplingSettings],
         num_samples: int,
         eos_token_ids: list[int],
         pad_token_id: int,
@@ -263,35 +288,47 @@ class DecodeEngine:
     ) -> Tensor:
         """Sample ``num_samples`` continuations of each left-padded prompt in ``input_ids`` [N, P].
 
+        ``settings`` is one setting for all rows, or one per prompt (N): the rows of prompt ``i`` then sample with
+        ``settings[i]``'s temperature, top_p, min/max_new_tokens and stop strings, side by side with the others.
+        Identical prompts are prefilled once.
         Returns the new tokens [N * num_samples, S] (rows prompt-major, as ``num_return_sequences`` orders them),
-        S <= ``settings.max_new_tokens``: a row that ends (EOS or a stop string, which needs ``tokenizer``) is
-        padded with ``pad_token_id`` after its last token, exactly as ``model.generate`` pads it.
+        S <= the largest ``max_new_tokens``: a row that ends (EOS, a stop string, which needs ``tokenizer``, or its own
+        ``max_new_tokens``) is padded with ``pad_token_id`` after its last token, exactly as ``model.generate`` pads it.
         """
         model = self._model()
         device = input_ids.device
         prompts, width = input_ids.shape
         rows = prompts * num_samples
-        stop = self._stop_criterion(tokenizer, settings.stop_strings, device) if settings.stop_strings else None
+        per_row = [s for s in ([settings] * prompts if not isinstance(settings, Sequence) else settings)
+                   for _ in range(num_samples)]
+        max_new_tokens = max(s.max_new_tokens for s in per_row)
+        stop_lists = list(dict.fromkeys(tuple(s.stop_strings) for s in per_row if s.stop_strings))
+        stops = tuple(self._stop_criterion(tokenizer, list(strings), device) for strings in stop_lists)
         graphs = cuda_graphs and device.type == "cuda" and getattr(model.config, "quantization_config", None) is None
         try:
             # Autocast off: the weights carry their dtypes already, and autocast's weight-cast cache must not be used
             # by a graph capture (PyTorch documents it as unsafe).
             with torch.autocast(device.type, enabled=False):
-                workspace = self._prepare(model, rows, width + settings.max_new_tokens, graphs)
-                mode = _Mode(settings.greedy, settings.top_p < 1, tuple(eos_token_ids), pad_token_id, stop)
+                workspace = self._prepare(model, rows, width + max_new_tokens, graphs)
+                greedy = [s.greedy for s in per_row]
+                nucleus = any(s.top_p < 1 and not s.greedy for s in per_row)
+                mode = _Mode(all(greedy), any(greedy) and not all(greedy), nucleus, tuple(eos_token_ids),
+                             pad_token_id, stops)
                 # Buffers a graph reads are made before any capture, so that none lives in a graph's pool.
                 workspace.eos_ids(mode.eos_ids)
-                if stop is not None:
+                for index, stop in enumerate(stops):
                     workspace.window(stop_window(stop))
-                step_widths = {_bucket(slot) for slot in range(width, width + settings.max_new_tokens - 1)}
+                    workspace.stop_rows(index)
+                step_widths = {_bucket(slot) for slot in range(width, width + max_new_tokens - 1)}
                 for step_width in sorted(step_widths) if graphs else []:
                     if (rows, step_width, mode) not in workspace.graphs:
                         step = functools.partial(self._step, model, workspace, rows, step_width, mode)
                         self._capture(workspace, (rows, step_width, mode), step)
-                self._prefill(model, workspace, input_ids, attention_mask, num_samples, settings, mode)
+                self._set_rows(workspace, per_row, stop_lists)
+                self._prefill(model, workspace, input_ids, attention_mask, num_samples, mode)
                 steps = 1
-                while steps < settings.max_new_tokens:
-                    for _ in range(min(CHECK_EVERY, settings.max_new_tokens - steps)):
+                while steps < max_new_tokens:
+                    for _ in range(min(CHECK_EVERY, max_new_tokens - steps)):
                         step_width = _bucket(width + steps - 1)
                         if graphs:
                             workspace.graphs[(rows, step_width, mode)].replay()
@@ -305,6 +342,23 @@ class DecodeEngine:
             # The caller retries with fewer rows; the cache sized for these rows would stand in its way.
             self.release()
             raise
+
+    @staticmethod
+    def _set_rows(workspace: _Workspace, per_row: list[SamplingSettings], stop_lists: list[tuple[str, ...]]) -> None:
+        """Each row's settings into the workspace's per-row buffers (one host-to-device copy each)."""
+        rows = len(per_row)
+
+        def put(buffer: Tensor, values: list) -> None:
+            buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype).view_as(buffer[:rows]), non_blocking=False)
+
+        # A greedy row's temperature is never used; 1.0 keeps the division finite.
+        put(workspace.temperature, [1.0 if s.greedy else s.temperature for s in per_row])
+        put(workspace.top_p, [s.top_p for s in per_row])
+        put(workspace.greedy_rows, [s.greedy for s in per_row])
+        put(workspace.min_new_tokens, [s.min_new_tokens for s in per_row])
+        put(workspace.max_new_tokens, [s.max_new_tokens for s in per_row])
+        for index, strings in enumerate(stop_lists):
+            put(workspace.stop_rows(index), [tuple(s.stop_strings) == strings for s in per_row])
 
     def _stop_criterion(self, tokenizer, stop_strings: list[str], device) -> StopStringCriteria:
         """HF's own stop-string matcher, which is pure tensor work (graph-safe), kept per tokenizer and strings so that
@@ -393,10 +447,20 @@ class DecodeEngine:
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return model.lm_head(_rms_norm(body.norm, hidden[:, -1:]))[:, -1].float()
 
-    def _prefill(self, model, workspace, input_ids, attention_mask, num_samples, settings, mode: _Mode) -> None:
-        """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token."""
+    def _prefill(self, model, workspace, input_ids, attention_mask, num_samples, mode: _Mode) -> None:
+        """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token.
+
+        Identical prompts (Regime W's arms that share a template) run once; their keys and values go to all their rows.
+        """
         prompts, width = input_ids.shape
         rows = prompts * num_samples
+        unique, inverse = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+        if len(unique) < prompts:
+            input_ids, attention_mask = unique[:, :width], unique[:, width:]
+            prompt_of_row = inverse.repeat_interleave(num_samples)
+        else:
+            # No duplicates: the prompts stay in their order, so each row's numbers are those of the batch as given.
+            prompt_of_row = torch.arange(prompts, device=input_ids.device).repeat_interleave(num_samples)
         valid = attention_mask.bool()
         # Positions count real tokens only, as `generate` numbers them under left padding (SequenceBatch does too).
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -406,25 +470,22 @@ class DecodeEngine:
         mask = causal & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=input_ids.device))
 
         def store(layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-            workspace.keys[layer, :rows, :, :width].unflatten(0, (prompts, num_samples)).copy_(keys[:, None])
-            workspace.values[layer, :rows, :, :width].unflatten(0, (prompts, num_samples)).copy_(values[:, None])
+            workspace.keys[layer, :rows, :, :width].copy_(keys.index_select(0, prompt_of_row))
+            workspace.values[layer, :rows, :, :width].copy_(values.index_select(0, prompt_of_row))
             return keys, values
 
-        logits = self._forward(model, input_ids, positions, mask, store).repeat_interleave(num_samples, 0)
+        logits = self._forward(model, input_ids, positions, mask, store).index_select(0, prompt_of_row)
         workspace.key_mask[:rows].zero_()
-        workspace.key_mask[:rows, :width] = valid.repeat_interleave(num_samples, 0)
-        workspace.positions[:rows] = attention_mask.sum(-1).repeat_interleave(num_samples, 0)
+        workspace.key_mask[:rows, :width] = valid.index_select(0, prompt_of_row)
+        workspace.positions[:rows] = attention_mask.sum(-1).index_select(0, prompt_of_row)
         workspace.slot.fill_(width)
         workspace.count.zero_()
         workspace.done[:rows] = False
-        workspace.temperature.fill_(settings.temperature if not settings.greedy else 1.0)
-        workspace.top_p.fill_(settings.top_p)
-        workspace.min_new_tokens.fill_(settings.min_new_tokens)
-        if mode.stop is not None:
-            recent = workspace.window(stop_window(mode.stop))[:rows]
+        for stop in mode.stops:
+            recent = workspace.window(stop_window(stop))[:rows]
             # Slots before a short prompt hold an out-of-vocabulary id, which StopStringCriteria never matches.
-            recent.fill_(stop_blank_token(mode.stop))
-            tail = input_ids[:, -recent.shape[1] :].repeat_interleave(num_samples, 0)
+            recent.fill_(stop_blank_token(stop))
+            tail = input_ids[:, -recent.shape[1] :].index_select(0, prompt_of_row)
             recent[:, -tail.shape[1] :] = tail
         self._choose(workspace, rows, logits, mode)
 
@@ -448,17 +509,21 @@ class DecodeEngine:
         """Pick each row's next token, record it, and mark the rows it ends (as `model.generate`'s criteria do)."""
         eos = workspace.eos_ids(mode.eos_ids)
         # min_new_tokens: EOS is impossible until that many tokens are out (HF's MinNewTokensLengthLogitsProcessor).
-        early = workspace.count < workspace.min_new_tokens
+        early = (workspace.count < workspace.min_new_tokens[:rows])[:, None]
         logits.index_copy_(1, eos, logits.index_select(1, eos).masked_fill(early, float("-inf")))
-        top_p = workspace.top_p if mode.nucleus else None
-        token = sample_tokens(logits, mode.greedy, workspace.temperature, top_p)
+        top_p = workspace.top_p[:rows] if mode.nucleus else None
+        greedy_rows = workspace.greedy_rows[:rows] if mode.mixed else None
+        token = sample_tokens(logits, mode.greedy, workspace.temperature[:rows], top_p, greedy_rows)
         token = token.masked_fill(workspace.done[:rows], mode.pad_id)
         workspace.generated[:rows].index_copy_(1, workspace.count, token[:, None])
-        ended = (token[:, None] == eos).any(-1)
-        if mode.stop is not None:
-            recent = workspace.window(stop_window(mode.stop))[:rows]
+        # A row ends on EOS, on a stop string of its own, or at its own max_new_tokens.
+        ended = (token[:, None] == eos).any(-1) | (workspace.count + 1 >= workspace.max_new_tokens[:rows])
+        for width in dict.fromkeys(stop_window(stop) for stop in mode.stops):
+            recent = workspace.window(width)[:rows]
             recent.copy_(torch.cat([recent[:, 1:], token[:, None]], dim=1))
-            ended |= mode.stop(recent, None)
+        for index, stop in enumerate(mode.stops):
+            recent = workspace.window(stop_window(stop))[:rows]
+            ended |= stop(recent, None) & workspace.stop_rows(index)[:rows]
         workspace.done[:rows].logical_or_(ended)
         workspace.tokens[:rows] = token
         workspace.count.add_(1)

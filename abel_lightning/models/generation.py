@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.stopping_criteria import StopStringCriteria
 
-from abel_lightning.models.decode_engine import DecodeEngine, decode_engine
+from abel_lightning.models.decode_engine import DecodeEngine, decode_engine, nucleus_tail
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +64,15 @@ class Completion:
 
 
 @dataclass
-class Arm:
-    """One sampling strategy of Regime W's k-armed bandit: its own decoding settings and, optionally, prompt."""
-
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    prompt_template: str | None = None
-
-
-@dataclass
 class Answered:
-    """A question with its sampled completions; ``arms[i]`` is the arm that produced ``completions[i]``."""
+    """A question with its sampled completions: ``completions[i]`` came from arm ``arms[i]`` (its index in the
+    sampler's arms), named ``arm_names[i]``, at ``temperatures[i]``."""
 
     question: dict
     completions: list[Completion]
     arms: list[int]
+    arm_names: list[str]
+    temperatures: list[float]
 
 
 @torch.no_grad()
@@ -77,27 +80,35 @@ def generate(
     model,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    settings: SamplingSettings,
-    num_samples: int = 1,
+    settings: SamplingSettings | Sequence[SamplingSettings],
+    samples_per_question: int = 1,
     max_batch_rows: int | None = None,
     synced_gpus: bool = False,
 ) -> list[list[Completion]]:
-    """Sample ``num_samples`` completions for each prompt; returns one list of completions per prompt.
+    """Sample ``samples_per_question`` completions for each prompt; returns one list of completions per prompt.
 
+    ``settings`` is one setting for every prompt, or one per prompt (``settings[i]`` decodes prompt ``i``): rows of
+    different temperatures, ``top_p``, lengths and stop strings then decode side by side in one batch, which is how
+    Regime W's arms share a decode. Each completion is cut at its own setting's ``max_new_tokens``.
     Prompts are decoded in chunks of at most ``max_batch_rows`` rows (prompts x samples). When the GPU runs out of
     memory the chunk is halved and retried, and the smaller size is kept for the rest of the call.
     ``synced_gpus`` keeps all ranks stepping together, which sharded (FSDP) models need: it implies ``model.generate``.
     ``settings.engine`` picks the decoder: on a GPU, by default, the static decode engine (``decode_engine``), whose
     completions are those ``model.generate`` would give (token for token under greedy decoding).
     """
-    rows_per_chunk = max_batch_rows or len(prompts) * num_samples
-    prompts_per_chunk = max(1, rows_per_chunk // num_samples)
+    per_prompt = [settings] * len(prompts) if isinstance(settings, SamplingSettings) else list(settings)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"generate got {len(prompts)} prompts but {len(per_prompt)} sampling settings: give one each")
+    rows_per_chunk = max_batch_rows or len(prompts) * samples_per_question
+    prompts_per_chunk = max(1, rows_per_chunk // samples_per_question)
     results: list[list[Completion]] = []
     start = 0
     while start < len(prompts):
-        chunk = prompts[start : start + prompts_per_chunk]
+        chunk = slice(start, start + prompts_per_chunk)
         try:
-            results.extend(_generate_chunk(model, tokenizer, chunk, settings, num_samples, synced_gpus))
+            results.extend(
+                _generate_chunk(model, tokenizer, prompts[chunk], per_prompt[chunk], samples_per_question, synced_gpus)
+            )
         except torch.OutOfMemoryError:
             if prompts_per_chunk == 1:
                 raise
@@ -105,36 +116,45 @@ def generate(
             torch.cuda.empty_cache()
             log.warning("out of memory while generating: retrying with %d prompts per batch", prompts_per_chunk)
             continue
-        start += len(chunk)
+        start += len(prompts[chunk])
     return results
 
 
-def _generate_chunk(model, tokenizer, prompts, settings, num_samples, synced_gpus) -> list[list[Completion]]:
+def _generate_chunk(model, tokenizer, prompts, per_prompt, samples_per_question, synced_gpus) -> list[list[Completion]]:
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
     prompt_width = encoded["input_ids"].shape[1]
-    engine = _static_engine(model, settings, synced_gpus, device, prompt_width + settings.max_new_tokens)
+    # One setting for all rows decodes exactly as before per-row settings existed (and as model.generate does).
+    settings = per_prompt[0] if all(s == per_prompt[0] for s in per_prompt) else per_prompt
+    lead = per_prompt[0]
+    for other in per_prompt:
+        if (other.engine, other.cuda_graphs) != (lead.engine, lead.cuda_graphs):
+            raise ValueError("the sampling settings decoded in one batch must agree on engine and cuda_graphs")
+    max_new_tokens = max(s.max_new_tokens for s in per_prompt)
+    engine = _static_engine(model, lead, synced_gpus, device, prompt_width + max_new_tokens)
     if engine is not None:
         # model.generate pads with EOS when the tokenizer has no pad token; so does the engine.
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         new_tokens = engine.decode(
-            encoded["input_ids"], encoded["attention_mask"], settings, num_samples,
+            encoded["input_ids"], encoded["attention_mask"], settings, samples_per_question,
             eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad_id, tokenizer=tokenizer,
-            cuda_graphs=settings.cuda_graphs,
+            cuda_graphs=lead.cuda_graphs,
         )
     else:
-        new_tokens = _hf_generate(model, tokenizer, encoded, settings, num_samples, synced_gpus)[:, prompt_width:]
+        generated = _hf_generate(model, tokenizer, encoded, settings, samples_per_question, synced_gpus)
+        new_tokens = generated[:, prompt_width:]
     prompt_rows = [
         [t for t, keep in zip(ids, mask) if keep]
         for ids, mask in zip(encoded["input_ids"].tolist(), encoded["attention_mask"].tolist())
     ]
     completions = []
     for row, response in enumerate(new_tokens.tolist()):
-        prompt_ids = prompt_rows[row // num_samples]
-        response_ids, finished = _cut_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        prompt = row // samples_per_question
+        limit = per_prompt[prompt].max_new_tokens
+        response_ids, finished = _cut_at_eos(response[:limit], tokenizer.eos_token_id, tokenizer.pad_token_id)
         text = tokenizer.decode(response_ids, skip_special_tokens=True)
-        completions.append(Completion(prompt_ids, response_ids, text, finished))
-    return [completions[i : i + num_samples] for i in range(0, len(completions), num_samples)]
+        completions.append(Completion(prompt_rows[prompt], response_ids, text, finished))
+    return [completions[i : i + samples_per_question] for i in range(0, len(completions), samples_per_question)]
 
 
 # Each reason to fall back to model.generate is logged once per process, not once per batch.
@@ -162,22 +182,85 @@ def _static_engine(model, settings, synced_gpus, device, context) -> DecodeEngin
     return engine
 
 
-def _hf_generate(model, tokenizer, encoded, settings, num_samples, synced_gpus) -> torch.Tensor:
-    sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+def _hf_generate(model, tokenizer, encoded, settings, samples_per_question, synced_gpus) -> torch.Tensor:
+    """``model.generate`` with one setting, or with one per prompt through :class:`RowSampling` and
+    :class:`RowStopping` (``generate`` itself takes one temperature, top_p, length and stop list for the batch)."""
+    common = {
+        "num_return_sequences": samples_per_question,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "synced_gpus": synced_gpus,
+        "use_cache": True,
+    }
+    if isinstance(settings, SamplingSettings):
+        sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+        return model.generate(
+            **encoded,
+            do_sample=not settings.greedy,
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens or None,
+            stop_strings=settings.stop_strings or None,
+            tokenizer=tokenizer if settings.stop_strings else None,
+            **common,
+            **sampling,
+        )
+    rows = [s for s in settings for _ in range(samples_per_question)]
+    device = encoded["input_ids"].device
+    prompt_width = encoded["input_ids"].shape[1]
     return model.generate(
         **encoded,
-        do_sample=not settings.greedy,
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.min_new_tokens or None,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        stop_strings=settings.stop_strings or None,
-        tokenizer=tokenizer if settings.stop_strings else None,
-        synced_gpus=synced_gpus,
-        use_cache=True,
-        **sampling,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max(s.max_new_tokens for s in rows),
+        logits_processor=LogitsProcessorList([RowSampling(rows, prompt_width, tokenizer.eos_token_id, device)]),
+        stopping_criteria=StoppingCriteriaList([RowStopping(rows, prompt_width, tokenizer, device)]),
+        **common,
     )
+
+
+class RowSampling(LogitsProcessor):
+    """Each row's own temperature, top_p (0 temperature: greedy) and min_new_tokens, for ``model.generate`` run with
+    ``do_sample=True, temperature=1, top_p=1, top_k=0``: the scores it returns are then sampled as they are."""
+
+    def __init__(self, rows: list[SamplingSettings], prompt_width: int, eos_id: int, device):
+        self.greedy = torch.tensor([s.greedy for s in rows], device=device)
+        self.temperature = torch.tensor([[1.0 if s.greedy else s.temperature] for s in rows], device=device)
+        self.top_p = torch.tensor([[s.top_p] for s in rows], device=device)
+        self.nucleus = any(s.top_p < 1 and not s.greedy for s in rows)
+        self.min_new_tokens = torch.tensor([s.min_new_tokens for s in rows], device=device)
+        self.prompt_width, self.eos_id = prompt_width, eos_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        early = input_ids.shape[1] - self.prompt_width < self.min_new_tokens
+        scores[:, self.eos_id] = scores[:, self.eos_id].masked_fill(early, float("-inf"))
+        best = scores.argmax(-1, keepdim=True)
+        scores = scores / self.temperature
+        if self.nucleus:
+            scores = scores.masked_fill(nucleus_tail(scores, self.top_p), float("-inf"))
+        # A greedy row keeps only its best token, so the draw is that token.
+        only_best = torch.full_like(scores, float("-inf")).scatter(-1, best, 0.0)
+        return torch.where(self.greedy[:, None], only_best, scores)
+
+
+class RowStopping(StoppingCriteria):
+    """Ends each row at its own stop strings and its own ``max_new_tokens``."""
+
+    def __init__(self, rows: list[SamplingSettings], prompt_width: int, tokenizer, device):
+        self.limits = torch.tensor([s.max_new_tokens for s in rows], device=device)
+        self.stops = []
+        for strings in {tuple(s.stop_strings) for s in rows if s.stop_strings}:
+            mask = torch.tensor([tuple(s.stop_strings) == strings for s in rows], device=device)
+            self.stops.append((StopStringCriteria(tokenizer, list(strings)), mask))
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        ended = input_ids.shape[1] - self.prompt_width >= self.limits
+        for criterion, mask in self.stops:
+            ended = ended | (criterion(input_ids, scores) & mask)
+        return ended
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> tuple[list[int], bool]:

@@ -208,7 +208,7 @@ class PPOModule(LoRATrainingModule):
             self.tokenizer,
             prompts,
             self.sampling,
-            num_samples=k,
+            samples_per_question=k,
             max_batch_rows=self.hparams.max_generation_rows,
             synced_gpus=weights_sharded(attached_trainer(self)),
         )
