@@ -13,10 +13,10 @@ Answers are compared as strings, so they must come normalized from :func:`abel_l
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+
+from abel_lightning.arithmetic import arithmetic_consistency
 
 SCfFunction = Callable[[Sequence[str], Sequence[str | None]], float]
 
@@ -35,12 +35,10 @@ class GroupScores:
 
 @dataclass
 class RegimeWConfig:
-    """Regime W hyperparameters; the defaults are the project's reference values (see docs/REGIME_W.md).
+    """Regime W's scoring hyperparameters; the defaults are the project's reference values (see docs/REGIME_W.md).
+    How many trajectories a group has is the sampler's business (``samples_per_question`` or the arms); scoring works
+    on whatever group it is given."""
 
-    ``k`` is how many trajectories the rollout phase samples per question; scoring works on whatever group it is given.
-    """
-
-    k: int = 8
     s_cf: str = "arithmetic"
     weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     beta_coherence: float = 0.1
@@ -50,8 +48,6 @@ class RegimeWConfig:
     def __post_init__(self) -> None:
         # YAML and jsonargparse hand lists over; a tuple keeps the config hashable and comparable.
         self.weights = tuple(self.weights)
-        if self.k < 1:
-            raise ValueError(f"RegimeWConfig.k must be at least 1, got {self.k}")
         _check_weights(self.weights)
 
 
@@ -170,48 +166,9 @@ def score_group(
     return scores, rewards
 
 
-# --- arithmetic consistency -------------------------------------------------------------------------------------------
-
-# GSM8K's calculator annotations, "<<48/2=24>>".
-_ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
-# Multiplication signs that are not "*": "×", LaTeX, and a letter x between two numbers ("3 x 4").
-_TIMES_RE = re.compile(r"\\times|\\cdot|(?<=[\d)%])\s*[xX\u00d7]\s*(?=[\d($.])")
-# A period or comma followed by a space ends a sentence or a list item, never a number ("$5, 3 + 4 = 7").
-_PUNCTUATION_RE = re.compile(r"[.,](?=\s|$)")
-# Maximal runs of arithmetic characters; letters, newlines, colons etc. end a run.
-_MATH_RUN_RE = re.compile(r"[0-9.,$%+\-*/()= \t]+")
-_NUMBER_RE = re.compile(r"\$?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)%?")
-_STATED_RE = re.compile(r"-?" + _NUMBER_RE.pattern)
-_REL_TOL = Fraction(1, 10**6)
-
-
-@dataclass(frozen=True)
-class _Claim:
-    """``expression = stated`` as written, e.g. ``_Claim("$1,200 + $300", "$1,500")``."""
-
-    expression: str
-    stated: str
-
-
-def arithmetic_consistency(text: str) -> float:
-    """Fraction of the arithmetic claims in ``text`` whose left side recomputes to the stated number (1.0 if none).
-
-    A claim is ``expression = number`` where the expression has at least one binary operator (``+ - * / x ×``,
-    parentheses, unary minus; numbers may carry ``$``, ``,`` thousands separators and ``%`` meaning /100), inline or
-    in a GSM8K annotation ``<<expr=number>>``. A value matches to 1e-6 relative, or to the decimals stated
-    (``10/3 = 3.33`` passes, ``10/3 = 3.3`` passes, ``10/3 = 3`` fails); a stated percentage may be read either way
-    (``3/4 = 75%``). Examples: ``"3 + 4 = 7 and 2 * 5 = 11"`` -> 0.5; ``"She has 12 apples."`` -> 1.0.
-    Expressions are evaluated by a small parser over exact fractions, never by Python ``eval``.
-    """
-    claims = _claims(text)
-    checked = [_claim_holds(claim) for claim in claims]
-    verdicts = [verdict for verdict in checked if verdict is not None]
-    return sum(verdicts) / len(verdicts) if verdicts else 1.0
-
-
 @register_s_cf("arithmetic")
 def arithmetic_s_cf(full_texts: Sequence[str], answers: Sequence[str | None]) -> float:
-    """Mean of :func:`arithmetic_consistency` over the group's trajectories."""
+    """Mean of :func:`abel_lightning.arithmetic.arithmetic_consistency` over the group's trajectories."""
     return sum(arithmetic_consistency(text) for text in full_texts) / len(full_texts)
 
 
@@ -226,183 +183,6 @@ def leave_one_out_s_cf(full_texts: Sequence[str], answers: Sequence[str | None])
         others = majority_answer([*answers[:index], *answers[index + 1 :]])
         agreeing += bool(answer) and answer == others
     return agreeing / len(answers)
-
-
-def _claims(text: str) -> list[_Claim]:
-    """Every ``expression = number`` pair in ``text``, annotations first."""
-    claims = []
-    for annotation in _ANNOTATION_RE.findall(text):
-        claims.extend(_chain_claims(annotation.split("="), first_is_whole=True, last_is_whole=True))
-    # An annotation repeats the inline arithmetic next to it ("48/2 = <<48/2=24>>24"); cutting it out with a line break
-    # leaves "48/2 = " and "24" in separate runs so the claim is counted once.
-    prose = _ANNOTATION_RE.sub("\n", text)
-    # Unicode minus and the en dash GSM8K writers use as minus; "**" is Markdown bold here, not a power.
-    prose = prose.replace("\u2212", "-").replace("\u2013", "-").replace("\u00f7", "/").replace("\\div", "/")
-    prose = prose.replace("**", " ")
-    prose = _PUNCTUATION_RE.sub("\n", _TIMES_RE.sub("*", prose))
-    for run in _MATH_RUN_RE.finditer(prose):
-        if "=" not in run.group(0):
-            continue
-        before = prose[: run.start()].rstrip(" \t")[-1:]
-        after = prose[run.end() : run.end() + 1]
-        body = run.group(0)
-        # Algebra with letters ("2X + 3 = 7", "100 = 5A") splits into runs at the letters; a run that continues a
-        # term of such an expression, or ends inside one, would yield a claim about a fragment.
-        continues_term = bool(before) and (before.isalnum() or before in ")]") and body.lstrip()[:1] in "+-*/)"
-        glued_left = run.start() > 0 and _glues(prose[run.start() - 1]) and not body[:1].isspace()
-        glued_right = _glues(after) and not body[-1:].isspace()
-        first_is_whole = not (continues_term or glued_left)
-        claims.extend(_chain_claims(body.split("="), first_is_whole, last_is_whole=not glued_right))
-    return claims
-
-
-def _glues(character: str) -> bool:
-    """Whether a character touching a number makes it part of something else: "5A", "6:48"."""
-    return character.isalnum() or character == ":"
-
-
-def _chain_claims(sides: list[str], first_is_whole: bool, last_is_whole: bool) -> list[_Claim]:
-    """Claims of a chain ``a = b = c``: each side that is a single number is claimed for the side before it.
-
-    A side that is itself an expression (``2*3 = 6 + 1 = 7``) states no number for its left neighbour. The first or last
-    side is left out when it is only a fragment of a longer expression in the text.
-    """
-    claims = []
-    last = len(sides) - 1
-    for index, (left, right) in enumerate(zip(sides, sides[1:])):
-        if (index == 0 and not first_is_whole) or (index + 1 == last and not last_is_whole):
-            continue
-        stated = right.strip().rstrip(")").strip()
-        if _STATED_RE.fullmatch(stated):
-            claims.append(_Claim(_trim_expression(left), stated))
-    return claims
-
-
-def _trim_expression(left: str) -> str:
-    """Drop an opening parenthesis that the claim sits inside ("(2 * 3 = 6)") and stray list markers ("* 2 + 3")."""
-    expression = left.strip().lstrip("*+ \t")
-    while expression.startswith("(") and expression.count("(") > expression.count(")"):
-        expression = expression[1:].lstrip()
-    return expression
-
-
-def _claim_holds(claim: _Claim) -> bool | None:
-    """True/False for a checkable claim; None when the left side is no expression (a bare number, unparseable)."""
-    parsed = _ExpressionParser(claim.expression).parse()
-    if parsed is None:
-        return None
-    value, operators = parsed
-    if operators == 0:
-        return None
-    if value is None:
-        # Division by zero: the stated number cannot be the value of an undefined expression.
-        return False
-    stated = claim.stated
-    number = _number_value(stated.lstrip("-"))
-    if stated.startswith("-"):
-        number = -number
-    candidates = [number / 100, number] if stated.endswith("%") else [number]
-    decimals = len(stated.rstrip("%").partition(".")[2])
-    return any(_matches(value, candidate, decimals) for candidate in candidates)
-
-
-def _matches(value: Fraction, stated: Fraction, decimals: int) -> bool:
-    """Equal to 1e-6 relative, or equal after rounding ``value`` to the ``decimals`` the writer used."""
-    if abs(value - stated) <= _REL_TOL * max(abs(value), abs(stated)):
-        return True
-    return decimals > 0 and abs(value - stated) <= Fraction(1, 2 * 10**decimals)
-
-
-def _number_value(token: str) -> Fraction:
-    """``"$1,234.50"`` -> 1234.5, ``"15%"`` -> 15 (the caller decides what a percent means)."""
-    return Fraction(token.replace("$", "").replace(",", "").rstrip("%"))
-
-
-class _ExpressionParser:
-    """Recursive descent over ``+ - * /``, parentheses and unary minus, in exact fractions.
-
-    Grammar: ``expr := term (("+"|"-") term)*``, ``term := unary (("*"|"/") unary)*``,
-    ``unary := ("-"|"+") unary | "(" expr ")" | number``; a number's ``%`` divides it by 100.
-    """
-
-    _TOKEN_RE = re.compile(r"\s*(?:(" + _NUMBER_RE.pattern + r")|([-+*/()]))")
-
-    def __init__(self, source: str) -> None:
-        self.tokens = self._tokenize(source.rstrip())
-        self.position = 0
-        self.operators = 0
-        self.divided_by_zero = False
-
-    @classmethod
-    def _tokenize(cls, source: str) -> list[str]:
-        """Numbers and operator characters; empty when anything else occurs (such a side is not an expression)."""
-        tokens = []
-        position = 0
-        while position < len(source):
-            match = cls._TOKEN_RE.match(source, position)
-            if match is None:
-                return []
-            tokens.append(match.group(1) or match.group(2))
-            position = match.end()
-        return tokens
-
-    def parse(self) -> tuple[Fraction | None, int] | None:
-        """``(value, binary operator count)``; value None after a division by zero; None when not an expression."""
-        value = self._expression()
-        if value is None or self.position != len(self.tokens):
-            return None
-        return (None if self.divided_by_zero else value), self.operators
-
-    def _peek(self) -> str | None:
-        return self.tokens[self.position] if self.position < len(self.tokens) else None
-
-    def _expression(self) -> Fraction | None:
-        value = self._term()
-        while value is not None and self._peek() in ("+", "-"):
-            operator = self.tokens[self.position]
-            self.position += 1
-            self.operators += 1
-            right = self._term()
-            if right is None:
-                return None
-            value = value + right if operator == "+" else value - right
-        return value
-
-    def _term(self) -> Fraction | None:
-        value = self._unary()
-        while value is not None and self._peek() in ("*", "/"):
-            operator = self.tokens[self.position]
-            self.position += 1
-            self.operators += 1
-            right = self._unary()
-            if right is None:
-                return None
-            if operator == "*":
-                value = value * right
-            elif right == 0:
-                # Keep parsing so a malformed rest still reads as "not an expression"; the value is reported undefined.
-                self.divided_by_zero = True
-                value = Fraction(0)
-            else:
-                value = value / right
-        return value
-
-    def _unary(self) -> Fraction | None:
-        token = self._peek()
-        if token is None or token in (")", "*", "/"):
-            return None
-        self.position += 1
-        if token in ("-", "+"):
-            operand = self._unary()
-            return None if operand is None else (-operand if token == "-" else operand)
-        if token == "(":
-            value = self._expression()
-            if value is None or self._peek() != ")":
-                return None
-            self.position += 1
-            return value
-        value = _number_value(token)
-        return value / 100 if token.endswith("%") else value
 
 
 def _check_group(per_trajectory: Sequence[object], answers: Sequence[str | None], num_tokens: Sequence[int]) -> int:

@@ -1,21 +1,15 @@
-import json
-from pathlib import Path
-
 import pytest
 
 from abel_lightning.regime_w import (
     S_CF,
     GroupScores,
     RegimeWConfig,
-    arithmetic_consistency,
     group_scores,
     majority_answer,
     register_s_cf,
     score_group,
     trajectory_rewards,
 )
-
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 # The worked example of REGIME_W.md: k = 4, gold 18, one arithmetic claim per trajectory, the third one false.
 TEXTS = [
@@ -93,44 +87,6 @@ def test_tied_majority_decides_agreement_and_end_score():
     scores = group_scores(["t"] * 4, answers, [10] * 4)
     assert scores.s_end == 0.5
     assert trajectory_rewards([False] * 4, answers, [10] * 4, scores, 0.0, 1.0, 0.0) == [1.0, 0.0, 0.0, 1.0]
-
-
-@pytest.mark.parametrize(
-    ("text", "consistency"),
-    [
-        ("She has 12 apples and eats some.", 1.0),  # no claim
-        ("Total = 12", 1.0),  # no operator: a label, not a claim
-        ("3 + 4 = 7 and 2 * 5 = 11", 0.5),
-        ("Natalia sold 48/2 = <<48/2=24>>24 clips", 1.0),  # annotation and inline text count once
-        ("Natalia sold 48/2 = <<48/2=25>>25 clips", 0.0),
-        ("$1,200 + $300 = $1,500", 1.0),
-        ("$1,200 + $300 = $1,600", 0.0),
-        ("3 x 4 = 12 and 3 \u00d7 4 = 13", 0.5),
-        ("(3 + 4) * 2 = 14.", 1.0),
-        ("(3 + 4) * 2 = 15.", 0.0),
-        ("5 - 8 = -3", 1.0),
-        ("-2 * -3 = 6", 1.0),
-        ("10/3 = 3.33", 1.0),  # to the decimals stated
-        ("10/3 = 3.34", 0.0),
-        ("10/3 = 3", 0.0),
-        ("3/4 = 75% and 25% * 80 = 20", 1.0),
-        ("2 * 3 = 6 + 1 = 7", 1.0),  # chain: 2*3 states no number, 6+1 = 7 holds
-        ("5/0 = 0", 0.0),
-        ("**3 + 4 = 8**", 0.0),
-        ("2X + 3 = 7, so X = 2", 1.0),  # algebra fragments are not claims
-        ("The train left at 6:00+48=6:48", 1.0),
-    ],
-)
-def test_arithmetic_consistency(text, consistency):
-    assert arithmetic_consistency(text) == pytest.approx(consistency, abs=1e-12)
-
-
-@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="the shared GSM8K copy is not on this machine")
-def test_gsm8k_reference_solutions_are_consistent():
-    answers = [json.loads(line)["answer"] for line in GSM8K_TEST.read_text(encoding="utf-8").splitlines()]
-    inconsistent = [answer for answer in answers if arithmetic_consistency(answer) < 1.0]
-    # The one human slip in the test split: "$32 - $20 = $300" (meant $320 - $20).
-    assert len(inconsistent) == 1 and "$32 - $20 = $300" in inconsistent[0]
 
 
 def test_loo_s_cf():
