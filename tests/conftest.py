@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny random causal LM saved to disk (loaded through the real loading code) and the data paths."""
+"""Shared fixtures: a tiny random causal LM saved to disk (loaded through the real loading code) and the data paths;
+``must_finish_within`` for the tests that feed hostile model text."""
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,3 +25,20 @@ def tiny_model(tmp_path_factory) -> str:
     from abel_lightning.models.tiny import build_random_model
 
     return str(build_random_model("tiny-llama", tmp_path_factory.mktemp("tiny-llama"), seed=0))
+
+
+@contextmanager
+def must_finish_within(seconds: int):
+    """Turn a stall into a failure. Not a benchmark: the hostile inputs it guards take milliseconds when the work is
+    linear in the text and minutes (or a RecursionError) when it is not, so the bound is loose on purpose."""
+
+    def stalled(signum, frame):
+        raise AssertionError(f"did not finish within {seconds} s: the work is not linear in the text")
+
+    previous = signal.signal(signal.SIGALRM, stalled)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

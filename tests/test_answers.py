@@ -1,11 +1,23 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from abel_lightning.answers import extract_answer, extract_gold, is_correct
+from abel_lightning.answers import (
+    ANSWER_CHECKERS,
+    AnswerChecker,
+    Gsm8kChecker,
+    extract_answer,
+    extract_gold,
+    is_correct,
+)
+from conftest import must_finish_within
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
+REFERENCE_FILES = [SHARED_DATA / "gsm8k" / "train.jsonl", GSM8K_TEST, SHARED_DATA / "gsm8k_platinum" / "test.jsonl"]
 
 ENDINGS = [
     # GSM8K reference style.
@@ -19,7 +31,7 @@ ENDINGS = [
     ("So she makes $18 every day.\nThe answer is 18.", "18"),
     ("The answer is: $18.00", "18"),
     ("The answer is 18 dollars.", "18"),
-    ("The answer is $1,234.50.", "1234.50"),
+    ("The answer is $1,234.50.", "1234.5"),
     ("The answer is 0.5", "0.5"),
     ("The answer is .5 hours.", "0.5"),
     ("He loses 3 each day, so the answer is -3.", "-3"),
@@ -33,7 +45,7 @@ ENDINGS = [
     ("The answer is 10.\nWait, I made an error: 4 * 3 = 12.\nThe answer is 12.", "12"),  # last occurrence
     ("3 + 4 = 7 apples.\nThe answer is 7 apples, which is 3 more than 4.", "7"),
     ("The answer is: 1,000,000", "1000000"),
-    ("The answer is 10 - 3 = 7", "10"),  # the number right after "The answer is" is the one given
+    ("The answer is 10 - 3 = 7", "7"),  # an equation: its right-hand side
     # \boxed.
     ("So the total is $\\boxed{18}$.", "18"),
     ("Therefore the answer is \\boxed{1,234}.", "1234"),
@@ -65,6 +77,114 @@ ENDINGS = [
 @pytest.mark.parametrize(("text", "expected"), ENDINGS)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def formats_md_table() -> list[tuple[str, str | None]]:
+    """The rows of docs/FORMATS.md's table of what the checker reads: (written, read as), "no answer" as None."""
+    text = (ROOT / "docs" / "FORMATS.md").read_text(encoding="utf-8")
+    section = text.split("## Final answers: what the checker reads", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(.*)` \| (?:`(.*)`|no answer) \| .* \|$", section, re.MULTILINE)
+    return [(written.replace("\u23ce", "\n"), read or None) for written, read in rows]
+
+
+def test_the_table_in_formats_md():
+    table = formats_md_table()
+    assert len(table) >= 45
+    wrong = [(written, expected, extract_answer(written)) for written, expected in table if extract_answer(written) != expected]
+    assert not wrong
+
+
+@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="the shared GSM8K copy is not on this machine")
+def test_every_reference_solution_reads_back_as_its_gold_answer():
+    rows = [json.loads(line) for path in REFERENCE_FILES for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 7473 + 1319 + 1209
+    golds = [extract_gold(row["answer"]) for row in rows]
+    assert all(gold.lstrip("-").isdigit() for gold in golds)
+    assert [extract_answer(row["answer"]) for row in rows] == golds
+
+
+HOSTILE = {
+    "5,000 digits": "The answer is " + "9" * 5000,
+    "a million digits": "1" * 10**6,
+    "100,000 decimals": "The answer is 0." + "3" * 100_000,
+    "100 kB of digits and operators": "1+2*3-4/5=" * 10_000,
+    "100 kB of unclosed boxes": "\\boxed{" * 14_000,
+    "nested boxes": "\\boxed{" * 5_000 + "18" + "}" * 5_000,
+    "statements without numbers": "The answer is " * 8_000,
+    "unary minus": "-" * 100_000 + "5",
+    "parentheses": "(" * 100_000 + "3 + 4 = 7",
+    "fractions": "\\frac{" * 20_000,
+    "currency": "$" * 100_000,
+    "separators": "1'" * 50_000,
+    "questions": "How many? " * 10_000,
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_text_ends_in_a_defined_answer(name):
+    with must_finish_within(10):
+        for _ in range(20):
+            answer = extract_answer(HOSTILE[name])
+    assert answer is None or len(answer) <= 205
+    assert is_correct(answer, "18") in (True, False)
+
+
+def test_hostile_defined_results():
+    assert extract_answer(HOSTILE["5,000 digits"]) is None  # over 100 digits: no answer, no int() error
+    assert extract_answer(HOSTILE["a million digits"]) is None
+    assert extract_answer(HOSTILE["nested boxes"]) == "18"
+    assert extract_answer(HOSTILE["unary minus"]) == "-5"
+    assert extract_answer(HOSTILE["parentheses"]) == "7"
+    assert not is_correct("9" * 5000, "18")  # a 5,000-digit prediction is simply wrong
+
+
+def test_checkers_are_selectable_by_name_and_by_class():
+    assert {"gsm8k", "math_verify"} <= set(ANSWER_CHECKERS.names())
+    checker = ANSWER_CHECKERS.resolve("gsm8k")
+    assert isinstance(checker, Gsm8kChecker)
+    assert checker.extract("So the answer is 12 + 6 = 18.") == "18" and checker.is_correct("18", "18")
+
+    class Strict(AnswerChecker):  # a researcher's own: only "#### N" counts
+        def extract(self, completion):
+            return completion.rpartition("#### ")[2].strip() or None
+
+        def is_correct(self, answer, gold):
+            return answer == gold
+
+    assert ANSWER_CHECKERS.resolve(Strict()).extract("blah\n#### 7") == "7"
+    with pytest.raises(ValueError, match="gsm8k"):
+        ANSWER_CHECKERS.resolve("sympy")
+
+
+# Where math-verify and the default disagree, as the README states; both agree on every other row of the table.
+# Keys: the table's text; values: what math-verify reads there (the default reads the table's answer).
+MATH_VERIFY_DIFFERS = {
+    "The answer is 5.\n#### 7": "5",  # no "####" rule: the first statement wins
+    "The answer is 2 1/2 hours.": "1",  # no mixed numbers
+    "The answer is 2\\frac{1}{2} cups.": "1/2",
+    "She needs 2\u00bd cups.": "2",
+    "The answer is \u22123.": None,  # no Unicode minus
+    "He owes -$5.": None,
+    "The answer is 1\u2009234.": "1",  # comma thousands separators only
+    "The answer is 1'234.": "1",
+    "The answer is 1{,}234.": "1",
+    "The answer is 1\\,234.": "1",
+    "The answer is 1,00,000.": "1",
+    "First \\boxed{5}, then corrected to \\boxed{6}.": "{5, 6}",  # every box, as a set
+    "He has 18 apples. How many will he have after buying 3 more?": "3",  # no question filter
+    "The answer is 18.\nQuestion: Tom has 5 apples and buys 3.\nThe answer is 8.": "8",  # no cut at a new question
+}
+
+
+def test_math_verify_against_the_default_over_the_table():
+    pytest.importorskip("math_verify")
+    mine, theirs = ANSWER_CHECKERS.resolve("gsm8k"), ANSWER_CHECKERS.resolve("math_verify")
+    differ = {}
+    for written, expected in formats_md_table():
+        gold = expected or "18"
+        if theirs.is_correct(theirs.extract(written), gold) != mine.is_correct(mine.extract(written), gold):
+            differ[written] = theirs.extract(written)
+    assert differ == MATH_VERIFY_DIFFERS
 
 
 @pytest.mark.skipif(not GSM8K_TEST.exists(), reason="the shared GSM8K copy is not on this machine")

@@ -1,31 +1,13 @@
 import json
-import signal
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from abel_lightning.arithmetic import MAX_DEPTH, arithmetic_consistency, evaluate
+from conftest import must_finish_within
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-
-@contextmanager
-def must_finish_within(seconds: int):
-    """Turn a stall into a failure. Not a benchmark: the inputs below take milliseconds when the work is linear and
-    minutes (or a RecursionError) when it is not, so the bound is loose on purpose."""
-
-    def stalled(signum, frame):
-        raise AssertionError(f"did not finish within {seconds} s: work is not linear in the text")
-
-    previous = signal.signal(signal.SIGALRM, stalled)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize(
