@@ -93,6 +93,9 @@ def test_hostile_texts_finish():
         "= " * 100_000,
         "3 + 4 = 7 " * 20_000,
         "1" * 100_000 + " = 1 + 1",
+        "0." + "1" * 100_000 + " + 1 = 2",  # 100,000 decimals
+        "1" * 10**6 + " + 1 = 2",  # a million digits
+        "2 * " + "9" * 5000 + " = 1",  # past int()'s 4,300 digits
     ]
     with must_finish_within(30):
         scores = [arithmetic_consistency(text) for text in texts]
