@@ -40,8 +40,10 @@ _MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 _VULGAR = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
 _VULGAR_RE = re.compile(r"[\u00bd\u00bc\u00be\u2153\u2154]")
 # "2\frac{1}{2}" is a mixed number, "-\frac{3}{4}" a negative fraction; \dfrac and \tfrac are display variants.
-_FRAC_RE = re.compile(r"\\[dt]?frac[ \t]{0,3}\{[ \t]{0,3}(\d{1,30}(?:\.\d{1,30})?)[ \t]{0,3}\}"
-                      r"[ \t]{0,3}\{[ \t]{0,3}(\d{1,30}(?:\.\d{1,30})?)[ \t]{0,3}\}")
+_FRAC_RE = re.compile(
+    r"\\[dt]?frac[ \t]{0,3}\{[ \t]{0,3}(\d{1,30}(?:\.\d{1,30})?)[ \t]{0,3}\}"
+    r"[ \t]{0,3}\{[ \t]{0,3}(\d{1,30}(?:\.\d{1,30})?)[ \t]{0,3}\}"
+)
 # Thousands separators other than ",": LaTeX "{,}" and "\,", thin and no-break spaces, apostrophes ("1'234"), when a
 # digit precedes them (checked in _clean). Every pattern of the cleaning starts with a literal or a character class, so
 # that re skips the rest of the text fast: a digit look-behind up front costs a test at every character.
@@ -63,7 +65,8 @@ _GSM8K_MARK_RE = re.compile(r"####")
 # "The answer is 18", "the final answer is: 18", "Final answer: 18", in any case. Spelled out as character classes:
 # re.IGNORECASE with a word boundary up front scans ten times slower, which a 100 kB completion notices.
 _ANSWER_IS_RE = re.compile(
-    r"[aA][nN][sS][wW][eE][rR]\s{1,3}[iI][sS]\b[ \t]{0,3}:?|[fF][iI][nN][aA][lL]\s{1,3}[aA][nN][sS][wW][eE][rR][ \t]{0,3}:"
+    r"[aA][nN][sS][wW][eE][rR]\s{1,3}[iI][sS]\b[ \t]{0,3}:?"
+    r"|[fF][iI][nN][aA][lL]\s{1,3}[aA][nN][sS][wW][eE][rR][ \t]{0,3}:"
 )
 # A statement ends at a line break or at sentence punctuation followed by a blank ("18.5" goes on, "18." ends).
 _STATEMENT_END_RE = re.compile(r"\n|[.!?;](?=\s|$)")

@@ -102,7 +102,7 @@ class UCB(ArmAllocation):
         for _ in range(k):
             total = sum(counts)
 
-            def score(arm: int) -> float:
+            def score(arm: int, total: int = total) -> float:
                 if counts[arm] == 0:
                     return math.inf
                 return means[arm] + self.exploration * math.sqrt(math.log(total) / counts[arm])
@@ -137,9 +137,19 @@ def arm_statistics(records: list[dict]) -> list[dict]:
     for record in records:
         majority = majority_answer([t["answer"] for t in record["trajectories"]])
         for t in record["trajectories"]:
-            row = arms.setdefault(t["arm"], {"arm": t["arm"], "name": t.get("arm_name", f"arm{t['arm']}"),
-                                             "temperature": t.get("temperature"), "samples": 0, "correct": 0,
-                                             "reward": 0.0, "tokens": 0, "majority": 0})
+            row = arms.setdefault(
+                t["arm"],
+                {
+                    "arm": t["arm"],
+                    "name": t.get("arm_name", f"arm{t['arm']}"),
+                    "temperature": t.get("temperature"),
+                    "samples": 0,
+                    "correct": 0,
+                    "reward": 0.0,
+                    "tokens": 0,
+                    "majority": 0,
+                },
+            )
             row["samples"] += 1
             row["correct"] += int(t["correct"])
             row["reward"] += t["reward"]
@@ -147,9 +157,14 @@ def arm_statistics(records: list[dict]) -> list[dict]:
             row["majority"] += int(majority is not None and t["answer"] == majority)
     return [
         {
-            "arm": row["arm"], "name": row["name"], "temperature": row["temperature"], "samples": row["samples"],
-            "accuracy": row["correct"] / row["samples"], "mean_reward": row["reward"] / row["samples"],
-            "mean_tokens": row["tokens"] / row["samples"], "majority_share": row["majority"] / row["samples"],
+            "arm": row["arm"],
+            "name": row["name"],
+            "temperature": row["temperature"],
+            "samples": row["samples"],
+            "accuracy": row["correct"] / row["samples"],
+            "mean_reward": row["reward"] / row["samples"],
+            "mean_tokens": row["tokens"] / row["samples"],
+            "majority_share": row["majority"] / row["samples"],
         }
         for _, row in sorted(arms.items())
     ]
@@ -157,8 +172,10 @@ def arm_statistics(records: list[dict]) -> list[dict]:
 
 def arm_statistics_markdown(stats: list[dict]) -> list[str]:
     """The per-arm table as Markdown lines."""
-    lines = ["| arm | temperature | samples | accuracy | mean reward | mean tokens | majority share |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | temperature | samples | accuracy | mean reward | mean tokens | majority share |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in stats:
         temperature = "" if row["temperature"] is None else f"{row['temperature']:g}"
         lines.append(
@@ -170,8 +187,13 @@ def arm_statistics_markdown(stats: list[dict]) -> list[str]:
 
 def plot_arm_statistics(stats: list[dict], png) -> None:
     """Accuracy, mean reward, mean tokens and samples given, one bar per arm, into ``png``."""
-    panels = [("accuracy", "accuracy"), ("mean_reward", "mean reward"), ("mean_tokens", "mean tokens"),
-              ("majority_share", "majority share"), ("samples", "samples given")]
+    panels = [
+        ("accuracy", "accuracy"),
+        ("mean_reward", "mean reward"),
+        ("mean_tokens", "mean tokens"),
+        ("majority_share", "majority share"),
+        ("samples", "samples given"),
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     labels = [row["name"] for row in stats]
     for axis, (key, title) in zip(axes, panels):

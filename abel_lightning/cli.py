@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -44,8 +44,10 @@ def preferences(
     from abel_lightning.preferences import write_preferences
 
     counts = write_preferences(rollouts, out, threshold)
-    print(f"{out}: {counts.correctness} correctness pairs, {counts.coherence} coherence pairs "
-          f"from {counts.questions} questions")
+    print(
+        f"{out}: {counts.correctness} correctness pairs, {counts.coherence} coherence pairs "
+        f"from {counts.questions} questions"
+    )
 
 
 def compare(args: list[str]) -> None:
@@ -84,8 +86,10 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "compare": compare,
     "pipeline": pipeline,
 }
-SUMMARIES = {name: fn.__doc__.strip().splitlines()[0] for name, fn in
-             (("preferences", preferences), ("compare", compare), ("pipeline", pipeline))}
+SUMMARIES = {
+    name: fn.__doc__.strip().splitlines()[0]
+    for name, fn in (("preferences", preferences), ("compare", compare), ("pipeline", pipeline))
+}
 
 
 class SaveConfigBesideLogs(SaveConfigCallback):

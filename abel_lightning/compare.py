@@ -132,7 +132,10 @@ def _print_tables(rows: list[dict]) -> None:
         models.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
         models.add_row(
-            row["model"], str(row["n"]), str(row["correct"]), f"{row['accuracy']:.4f}",
+            row["model"],
+            str(row["n"]),
+            str(row["correct"]),
+            f"{row['accuracy']:.4f}",
             f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]",
         )
     console.print(models)
@@ -145,7 +148,11 @@ def _print_tables(rows: list[dict]) -> None:
         for other in rows[i + 1 :]:
             test = row["mcnemar"][other["model"]]
             pairs.add_row(
-                row["model"], other["model"], str(test["n_common"]), str(test["only_this"]), str(test["only_other"]),
+                row["model"],
+                other["model"],
+                str(test["n_common"]),
+                str(test["only_this"]),
+                str(test["only_other"]),
                 f"{test['p_value']:.4g}",
             )
     console.print(pairs)

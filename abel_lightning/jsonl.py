@@ -74,8 +74,7 @@ class JsonlError(ValueError):
             message = f"{path}:{line}: expected {expected}, got {_short_repr(got)}. Fix or remove this line."
         else:
             message = (
-                f"{path}:{line}: field '{field}': expected {expected}, got {_short_repr(got)}. "
-                "Fix or remove this line."
+                f"{path}:{line}: field '{field}': expected {expected}, got {_short_repr(got)}. Fix or remove this line."
             )
         super().__init__(message)
 
@@ -131,7 +130,9 @@ def iter_numbered_jsonl(
                 record = json.loads(text, parse_constant=_reject_constant)
             except ValueError as error:
                 # JSONDecodeError locates the problem; other ValueErrors come from _reject_constant (NaN, Infinity).
-                reason = f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else str(error)
+                reason = (
+                    f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else str(error)
+                )
                 raise JsonlError(path, line_number, None, reason=reason) from error
             if schema is not None:
                 _validate_line(record, schema, path, line_number)

@@ -98,38 +98,93 @@ def phases(run: Run) -> list[tuple[str, list[str] | None]]:
     resume = lambda adapter: ["--ckpt_path", str(adapter / LAST)] if (adapter / LAST).exists() else []  # noqa: E731
 
     ppo = _merge(
-        {"trainer": {"logger": _logger(run, "ppo"), "callbacks": [
-            _callback("abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint", dirpath=str(run.ppo_adapter),
-                      save_every=_save_every(cfg.ppo))]}},
+        {
+            "trainer": {
+                "logger": _logger(run, "ppo"),
+                "callbacks": [
+                    _callback(
+                        "abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
+                        dirpath=str(run.ppo_adapter),
+                        save_every=_save_every(cfg.ppo),
+                    )
+                ],
+            }
+        },
         _data_override(run, "train"),
     )
     rollouts = _merge(
-        {"model": {"init_args": {"adapter": str(run.ppo_adapter)}},
-         "trainer": {"callbacks": [_rollout_callback(cfg.rollouts, run.rollouts)]}},
+        {
+            "model": {"init_args": {"adapter": str(run.ppo_adapter)}},
+            "trainer": {"callbacks": [_rollout_callback(cfg.rollouts, run.rollouts)]},
+        },
         _data_override(run, "train"),
     )
     dpo = {
         "model": {"init_args": {"adapter": str(run.ppo_adapter)}},
         "data": {"init_args": {"pairs": str(run.pairs), "rollouts": str(run.rollouts)}},
-        "trainer": {"logger": _logger(run, "dpo"), "callbacks": [
-            _callback("abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint", dirpath=str(run.dpo_adapter),
-                      save_every=_save_every(cfg.dpo))]},
+        "trainer": {
+            "logger": _logger(run, "dpo"),
+            "callbacks": [
+                _callback(
+                    "abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
+                    dirpath=str(run.dpo_adapter),
+                    save_every=_save_every(cfg.dpo),
+                )
+            ],
+        },
     }
     evaluation = lambda adapter: _merge(  # noqa: E731
-        {"model": {"init_args": {"adapter": adapter}},
-         "trainer": {"callbacks": [_callback("abel_lightning.callbacks.platinum_eval.PlatinumEval",
-                                             output_dir=str(run.eval_dir))]}},
+        {
+            "model": {"init_args": {"adapter": adapter}},
+            "trainer": {
+                "callbacks": [
+                    _callback("abel_lightning.callbacks.platinum_eval.PlatinumEval", output_dir=str(run.eval_dir))
+                ]
+            },
+        },
         _data_override(run, "test"),
     )
     extra = lambda name: list(cfg.extra_args.get(name, []))  # noqa: E731
     return [
-        ("ppo", ["fit", "--config", cfg.ppo, "--config", run.override("ppo", ppo), *extra("ppo"), *resume(run.ppo_adapter)]),
-        ("rollouts", ["predict", "--config", cfg.rollouts, "--config", run.override("rollouts", rollouts), *extra("rollouts")]),
+        (
+            "ppo",
+            ["fit", "--config", cfg.ppo, "--config", run.override("ppo", ppo), *extra("ppo"), *resume(run.ppo_adapter)],
+        ),
+        (
+            "rollouts",
+            ["predict", "--config", cfg.rollouts, "--config", run.override("rollouts", rollouts), *extra("rollouts")],
+        ),
         ("preferences", None),
-        ("dpo", ["fit", "--config", cfg.dpo, "--config", run.override("dpo", dpo), *extra("dpo"), *resume(run.dpo_adapter)]),
-        ("eval_base", ["test", "--config", cfg.eval, "--config", run.override("eval_base", evaluation(None)), *extra("eval")]),
-        ("eval_ppo", ["test", "--config", cfg.eval, "--config", run.override("eval_ppo", evaluation(str(run.ppo_adapter))), *extra("eval")]),
-        ("eval_dpo", ["test", "--config", cfg.eval, "--config", run.override("eval_dpo", evaluation(str(run.dpo_adapter))), *extra("eval")]),
+        (
+            "dpo",
+            ["fit", "--config", cfg.dpo, "--config", run.override("dpo", dpo), *extra("dpo"), *resume(run.dpo_adapter)],
+        ),
+        (
+            "eval_base",
+            ["test", "--config", cfg.eval, "--config", run.override("eval_base", evaluation(None)), *extra("eval")],
+        ),
+        (
+            "eval_ppo",
+            [
+                "test",
+                "--config",
+                cfg.eval,
+                "--config",
+                run.override("eval_ppo", evaluation(str(run.ppo_adapter))),
+                *extra("eval"),
+            ],
+        ),
+        (
+            "eval_dpo",
+            [
+                "test",
+                "--config",
+                cfg.eval,
+                "--config",
+                run.override("eval_dpo", evaluation(str(run.dpo_adapter))),
+                *extra("eval"),
+            ],
+        ),
     ]
 
 

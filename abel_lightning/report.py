@@ -49,12 +49,22 @@ def plot_curves(rows: list[dict[str, str]], curves: dict[str, str], title: str, 
 def write_report(run) -> Path:
     """Write ``<run_dir>/report.md`` (and its PNGs) for a finished ``pipeline.Run``; print the accuracy table."""
     root = run.root
-    evals = [run.eval_dir / f"{name}_platinum_eval.jsonl" for name in ("base", run.ppo_adapter.name, run.dpo_adapter.name)]
+    evals = [
+        run.eval_dir / f"{name}_platinum_eval.jsonl" for name in ("base", run.ppo_adapter.name, run.dpo_adapter.name)
+    ]
     results = compare([str(p) for p in evals if p.exists()], str(root / "accuracy.png"))
-    lines = ["# abel-lightning run report", "", "## Accuracy (greedy decoding, held-out questions)", "",
-             "| model | accuracy | 95% interval | n |", "|---|---|---|---|"]
+    lines = [
+        "# abel-lightning run report",
+        "",
+        "## Accuracy (greedy decoding, held-out questions)",
+        "",
+        "| model | accuracy | 95% interval | n |",
+        "|---|---|---|---|",
+    ]
     for row in results:
-        lines.append(f"| {row['model']} | {row['accuracy']:.1%} | {row['ci_low']:.1%} – {row['ci_high']:.1%} | {row['n']} |")
+        lines.append(
+            f"| {row['model']} | {row['accuracy']:.1%} | {row['ci_low']:.1%} – {row['ci_high']:.1%} | {row['n']} |"
+        )
     lines += ["", "![accuracy](accuracy.png)", ""]
     stats = arm_statistics(read_jsonl(run.rollouts, ROLLOUT)) if run.rollouts.exists() else []
     if stats:

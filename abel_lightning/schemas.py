@@ -12,9 +12,7 @@ A schema is a ``dict[str, FieldType]`` naming the required fields; extra fields 
 
 from __future__ import annotations
 
-from typing import Union
-
-FieldType = Union[type, tuple[type, ...], list["Schema"], frozenset]
+FieldType = type | tuple[type, ...] | list["Schema"] | frozenset
 Schema = dict[str, FieldType]
 
 PAIR_KINDS = ("correctness", "coherence")

@@ -46,9 +46,14 @@ def synthetic_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int,
     length = lambda full: rng.randint(full // 2, full) if vary else full  # noqa: E731
     cut = lambda start, full: tokenizer.decode(ids[start : start + length(full)])  # noqa: E731
     return [
-        {"question_id": f"bench/{i}", "prompt": format_prompt(cut(i * 11, prompt_tokens)),
-         "chosen": cut(i * 13, response_tokens), "rejected": cut(i * 17 + 5, response_tokens),
-         "kind": "correctness", "reward_gap": 1.0}
+        {
+            "question_id": f"bench/{i}",
+            "prompt": format_prompt(cut(i * 11, prompt_tokens)),
+            "chosen": cut(i * 13, response_tokens),
+            "rejected": cut(i * 17 + 5, response_tokens),
+            "kind": "correctness",
+            "reward_gap": 1.0,
+        }
         for i in range(n)
     ]
 
@@ -62,8 +67,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=160)
     parser.add_argument("--response-tokens", type=int, default=256)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--peft-input-casts", action="store_true",
-                        help="the baseline: PEFT casts each LoRA input to float32 under autocast (as before 2026-11-25)")
+    parser.add_argument(
+        "--peft-input-casts",
+        action="store_true",
+        help="the baseline: PEFT casts each LoRA input to float32 under autocast (as before 2026-11-25)",
+    )
     parser.add_argument("--vary-lengths", action="store_true", help="prompts and responses of 50-100%% of the lengths")
     parser.add_argument("--padded", action="store_true", help="the baseline: the padded forward (before 2026-11-25)")
     args = parser.parse_args()
@@ -79,15 +87,23 @@ def main() -> None:
     path = materialize(args.model)
     pairs = work / "pairs.jsonl"
     n = args.steps * args.batch_size
-    write_jsonl_atomic(pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens,
-                                              args.vary_lengths))
+    write_jsonl_atomic(
+        pairs, synthetic_pairs(load_tokenizer(path), n, args.prompt_tokens, args.response_tokens, args.vary_lengths)
+    )
     module = DPOModule(
         model=path, adapter=None, quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing
     )
     data = PreferenceDataModule(pairs=str(pairs), rollouts=None, batch_size=args.batch_size, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
-        logger=CSVLogger(work, name="dpo"), log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=CSVLogger(work, name="dpo"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -106,13 +122,21 @@ def main() -> None:
     forward = "padded" if args.padded else "packed where it pays"
     lengths = "50-100% of" if args.vary_lengths else "all"
     # tokens/s counts real tokens only, so MFU credits no padding.
-    print("\n| base | pairs/step | lengths | forward | gradient checkpointing | LoRA input casts | tokens/s | MFU | peak GiB |"
-          "\n|---|---|---|---|---|---|---|---|---|")
-    print(f"| {label} | {args.batch_size} | {lengths} | {forward} | {checkpointing} | {casts} | {tokens_per_s:,.0f} "
-          f"| {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
-    print(f"{args.batch_size} pairs/step, up to {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
-          f"bf16 matmul peak measured {peak:.0f} TFLOP/s; {len(rows)} steps after warm-up; fit incl. reference pass {total:.0f} s; "
-          f"{torch.cuda.get_device_name()}")
+    print(
+        "\n| base | pairs/step | lengths | forward | gradient checkpointing | LoRA input casts | tokens/s | MFU "
+        "| peak GiB |"
+        "\n|---|---|---|---|---|---|---|---|---|"
+    )
+    print(
+        f"| {label} | {args.batch_size} | {lengths} | {forward} | {checkpointing} | {casts} | {tokens_per_s:,.0f} "
+        f"| {mfu} | {gib(torch.cuda.max_memory_allocated()):.1f} |"
+    )
+    print(
+        f"{args.batch_size} pairs/step, up to {tokens_per_step} tokens/step (chosen + rejected, prompt included), "
+        f"bf16 matmul peak measured {peak:.0f} TFLOP/s; {len(rows)} steps after warm-up; "
+        f"fit incl. reference pass {total:.0f} s; "
+        f"{torch.cuda.get_device_name()}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,15 @@ def kernel_times(prof) -> tuple[dict[str, float], dict[str, float]]:
     return by_kind, dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10])
 
 
-def print_table(per_step: dict[str, float], wall: float, work: dict[str, str], top: dict[str, float], steps: int) -> None:
+def print_table(
+    per_step: dict[str, float], wall: float, work: dict[str, str], top: dict[str, float], steps: int
+) -> None:
     print("\n| kernels | ms/step | share of wall | achieves |\n|---|---|---|---|")
     for name in KINDS:
-        print(f"| {name} | {1e3 * per_step.get(name, 0):.2f} | {per_step.get(name, 0) / wall:.0%} | {work.get(name, '')} |")
+        print(
+            f"| {name} | {1e3 * per_step.get(name, 0):.2f} | {per_step.get(name, 0) / wall:.0%} "
+            f"| {work.get(name, '')} |"
+        )
     idle = wall - sum(per_step.values())
     print(f"| no kernel running | {1e3 * idle:.2f} | {idle / wall:.0%} | |")
     print(f"| wall | {1e3 * wall:.2f} | 100% | |")
@@ -93,8 +98,14 @@ def decode(args) -> None:
     width = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
 
     def call(new_tokens: int, graphs: bool):
-        settings = SamplingSettings(temperature=0.7, top_p=0.95, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                    engine="static", cuda_graphs=graphs)
+        settings = SamplingSettings(
+            temperature=0.7,
+            top_p=0.95,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            engine="static",
+            cuda_graphs=graphs,
+        )
         return lambda: generate(model, tokenizer, prompts, settings, args.samples)
 
     short, long = args.skip, args.skip + args.steps
@@ -118,11 +129,16 @@ def decode(args) -> None:
         "attention": f"{kv_bytes / per_step['attention'] / 1e12:.2f} TB/s reading {kv_bytes / 1e9:.1f} GB of KV "
         f"({read:.0f} slots a row, {context:.0f} in use)",
     }
-    print(f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, KV bucket {args.kv_bucket}; "
-          f"device-to-device copy {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}")
+    print(
+        f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, KV bucket {args.kv_bucket}; "
+        f"device-to-device copy {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}"
+    )
     print_table(per_step, wall, work, top, long)
-    print(f"\nbandwidth limit {1e3 * limit_step:.2f} ms/step (weights + KV in use at the copy rate): CUDA-graph engine at "
-          f"{limit_step / wall:.0%} of it ({args.rows / wall:,.0f} tokens/s); eager {1e3 * eager_wall:.2f} ms/step")
+    print(
+        f"\nbandwidth limit {1e3 * limit_step:.2f} ms/step (weights + KV in use at the copy rate): "
+        f"CUDA-graph engine at "
+        f"{limit_step / wall:.0%} of it ({args.rows / wall:,.0f} tokens/s); eager {1e3 * eager_wall:.2f} ms/step"
+    )
 
 
 def dpo(args) -> None:
@@ -160,8 +176,17 @@ def dpo(args) -> None:
     module = DPOModule(model=path, adapter=None, gradient_checkpointing=False)
     data = PreferenceDataModule(pairs=str(pairs), rollouts=None, batch_size=args.batch_size, val_fraction=0.0)
     callback = Profiled(first=steps - profiled, count=profiled)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_val_batches=0,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+    )
     trainer.fit(module, data)
     by_kind, top = kernel_times(callback.prof)
     per_step = {k: v / profiled for k, v in by_kind.items()}
@@ -169,10 +194,14 @@ def dpo(args) -> None:
     tokens = 2 * args.batch_size * (args.prompt_tokens + 256)
     flop = training_flop(module.policy, tokens)
     peak = matmul_tflops()
-    work = {"matmul": f"{flop / per_step['matmul'] / 1e12:.0f} TFLOP/s of the 6·N·tokens count ({peak:.0f} measured peak)"}
-    print(f"\nDPO step, {args.batch_size} pairs ({tokens} tokens), bf16-mixed, no gradient checkpointing: "
-          f"MFU {flop / wall / 1e12 / peak:.0%}; peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; "
-          f"{torch.cuda.get_device_name()}")
+    work = {
+        "matmul": f"{flop / per_step['matmul'] / 1e12:.0f} TFLOP/s of the 6·N·tokens count ({peak:.0f} measured peak)"
+    }
+    print(
+        f"\nDPO step, {args.batch_size} pairs ({tokens} tokens), bf16-mixed, no gradient checkpointing: "
+        f"MFU {flop / wall / 1e12 / peak:.0%}; peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; "
+        f"{torch.cuda.get_device_name()}"
+    )
     print_table(per_step, wall, work, top, profiled)
 
 
@@ -185,8 +214,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=160)
     p.add_argument("--skip", type=int, default=65, help="steps before the measured ones (prefill included)")
-    p.add_argument("--steps", type=int, default=128, help="measured steps; the defaults center them on the rollout "
-                   "bench's mean context (160 + 256 / 2 tokens)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=128,
+        help="measured steps; the defaults center them on the rollout bench's mean context (160 + 256 / 2 tokens)",
+    )
     p.add_argument("--kv-bucket", type=int, default=128)
     p.set_defaults(fn=decode)
     p = sub.add_parser("dpo")

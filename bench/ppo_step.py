@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help="sampling.engine")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--sample-merged", action=argparse.BooleanOptionalAction, default=True,
-                        help="rollouts from the merged copy; --no-sample-merged samples from the policy (the baseline)")
+    parser.add_argument(
+        "--sample-merged",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rollouts from the merged copy; --no-sample-merged samples from the policy (the baseline)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp())
@@ -58,8 +62,15 @@ def main() -> None:
     )
     data = GSM8KDataModule(dataset=str(work / "toy"), split="train", batch_size=args.questions)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_train_batches=args.iterations,
-        logger=CSVLogger(work, name="ppo"), log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_train_batches=args.iterations,
+        logger=CSVLogger(work, name="ppo"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, data)
@@ -72,18 +83,28 @@ def main() -> None:
     prompt_tokens = sum(len(ids) for ids in module.tokenizer(prompts)["input_ids"]) / len(prompts)
     tokens = args.questions * (prompt_tokens + mean("response_length")) * module.hparams.ppo_epochs
     update_rate = tokens / mean("update_seconds")
-    mfu = f"{training_flop(module.policy, update_rate) / 1e12 / matmul_tflops():.0%}" if args.quantization is None else "n/a"
+    mfu = (
+        f"{training_flop(module.policy, update_rate) / 1e12 / matmul_tflops():.0%}"
+        if args.quantization is None
+        else "n/a"
+    )
     checkpointing = "on" if args.gradient_checkpointing else "off"
     sampled_from = "merged copy" if args.sample_merged and args.quantization is None else "policy"
     iteration = sum(mean(key) for key in ("generation_seconds", "evaluate_seconds", "update_seconds"))
-    print("\n| base | engine | sampled from | gradient checkpointing | generation s | tokens/s | scoring s "
-          "| update s (4 epochs) | update tokens/s | update MFU | iteration s | peak GiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {label} | {args.engine} | {sampled_from} | {checkpointing} | {mean('generation_seconds'):.2f} | "
-          f"{mean('generation_tokens_per_s'):,.0f} | {mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | "
-          f"{update_rate:,.0f} | {mfu} | {iteration:.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |")
-    print(f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, prompts of {prompt_tokens:.0f} tokens, "
-          f"means over {len(rows)} iterations after a warm-up; {torch.cuda.get_device_name()}")
+    print(
+        "\n| base | engine | sampled from | gradient checkpointing | generation s | tokens/s | scoring s "
+        "| update s (4 epochs) | update tokens/s | update MFU | iteration s | peak GiB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    print(
+        f"| {label} | {args.engine} | {sampled_from} | {checkpointing} | {mean('generation_seconds'):.2f} | "
+        f"{mean('generation_tokens_per_s'):,.0f} | {mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | "
+        f"{update_rate:,.0f} | {mfu} | {iteration:.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |"
+    )
+    print(
+        f"{args.questions} questions x 1 sample x {args.new_tokens} new tokens, prompts of {prompt_tokens:.0f} tokens, "
+        f"means over {len(rows)} iterations after a warm-up; {torch.cuda.get_device_name()}"
+    )
 
 
 if __name__ == "__main__":

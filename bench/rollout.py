@@ -83,8 +83,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=160)
-    parser.add_argument("--paths", choices=["all", "arms"], default="all",
-                        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine)")
+    parser.add_argument(
+        "--paths",
+        choices=["all", "arms"],
+        default="all",
+        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine)",
+    )
     args = parser.parse_args()
 
     path = materialize(args.model)
@@ -98,9 +102,16 @@ def main() -> None:
     def plain():
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
         with torch.no_grad():
-            model.generate(**encoded, do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, num_return_sequences=args.samples,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **encoded,
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.95,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                num_return_sequences=args.samples,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
     # The shipped configs/rollouts.yaml arms, cycled over the k samples of a question as the uniform allocation does.
     arm_settings = [
@@ -120,6 +131,7 @@ def main() -> None:
             # Every row decodes the full length (min_new_tokens); a random model can still draw the pad token, after
             # which the completion is cut, so allow a few tokens short.
             assert sum(len(c.response_ids) for group in groups for c in group) >= 0.98 * tokens, "rows ended early"
+
         return run
 
     warmup, seconds = {}, {}
@@ -151,13 +163,17 @@ def main() -> None:
     print("\n| path | questions/s | tokens/s | ratio | % of bandwidth limit | warm-up call s |")
     print("|---|---|---|---|---|---|")
     for name, s in seconds.items():
-        print(f"| {name} | {args.questions / s:.2f} | {tokens / s:,.0f} | {tokens / s / baseline:.2f} "
-              f"| {100 * tokens / s / limit:.0f}% | {warmup[name]:.1f} |")
-    print(f"\n{rows} rows x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; bandwidth limit "
-          f"{limit:,.0f} tokens/s = {rows} rows x {bandwidth / 1e12:.2f} TB/s (device-to-device copy of 1 GiB, read + "
-          f"write) / ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV cache at a mean context of "
-          f"{mean_context:.0f} tokens) per step; graph capture {capture_s:.1f} s (in the warm-up call, not timed); "
-          f"peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; {torch.cuda.get_device_name()}")
+        print(
+            f"| {name} | {args.questions / s:.2f} | {tokens / s:,.0f} | {tokens / s / baseline:.2f} "
+            f"| {100 * tokens / s / limit:.0f}% | {warmup[name]:.1f} |"
+        )
+    print(
+        f"\n{rows} rows x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; bandwidth limit "
+        f"{limit:,.0f} tokens/s = {rows} rows x {bandwidth / 1e12:.2f} TB/s (device-to-device copy of 1 GiB, read + "
+        f"write) / ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV cache at a mean context of "
+        f"{mean_context:.0f} tokens) per step; graph capture {capture_s:.1f} s (in the warm-up call, not timed); "
+        f"peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; {torch.cuda.get_device_name()}"
+    )
 
 
 if __name__ == "__main__":

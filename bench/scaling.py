@@ -69,30 +69,62 @@ def ppo(args, work: Path, devices: int) -> tuple[float, dict]:
     per_device = 4
     out = work / f"ppo{devices}"
     _, seconds = cli(
-        "fit", "--config", "configs/ppo.yaml", *on(devices, args), *QUIET,
-        "--model.init_args.model", args.model_path, "--data.init_args.dataset", str(work / "toy"),
-        "--data.init_args.batch_size", str(per_device), "--data.init_args.n_samples", str(per_device * devices * args.ppo_iterations),
-        "--model.init_args.sampling.max_new_tokens", str(args.new_tokens), "--model.init_args.ppo_epochs", "2",
-        "--trainer.callbacks.init_args.dirpath", str(out / "adapter"), "--trainer.logger.init_args.save_dir", str(out),
+        "fit",
+        "--config",
+        "configs/ppo.yaml",
+        *on(devices, args),
+        *QUIET,
+        "--model.init_args.model",
+        args.model_path,
+        "--data.init_args.dataset",
+        str(work / "toy"),
+        "--data.init_args.batch_size",
+        str(per_device),
+        "--data.init_args.n_samples",
+        str(per_device * devices * args.ppo_iterations),
+        "--model.init_args.sampling.max_new_tokens",
+        str(args.new_tokens),
+        "--model.init_args.ppo_epochs",
+        "2",
+        "--trainer.callbacks.init_args.dirpath",
+        str(out / "adapter"),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
     )
     rows = [r for r in metrics(out) if r.get("generation_seconds")][1:]
     iteration = [sum(float(r[k]) for k in ("generation_seconds", "evaluate_seconds", "update_seconds")) for r in rows]
     mean = sum(iteration) / len(iteration)
     last = rows[-1]
     return per_device * devices / mean, {
-        "s/iteration": f"{mean:.1f}", "reward": last["reward"], "kl": f"{float(last['kl']):.4f}", "wall s": f"{seconds:.0f}"
+        "s/iteration": f"{mean:.1f}",
+        "reward": last["reward"],
+        "kl": f"{float(last['kl']):.4f}",
+        "wall s": f"{seconds:.0f}",
     }
 
 
 def rollouts(args, work: Path, devices: int) -> tuple[float, dict]:
     out = work / f"rollouts{devices}.jsonl"
     text, seconds = cli(
-        "predict", "--config", "configs/rollouts.yaml", *on(devices, args), *QUIET,
-        "--model.init_args.model", args.model_path, "--model.init_args.adapter", "null",
-        "--data.init_args.dataset", str(work / "toy"), "--data.init_args.n_samples", str(args.questions),
-        "--data.init_args.batch_size", str(args.rollout_batch),
-        "--model.init_args.sampling.max_new_tokens", str(args.new_tokens),
-        "--trainer.callbacks.init_args.output", str(out),
+        "predict",
+        "--config",
+        "configs/rollouts.yaml",
+        *on(devices, args),
+        *QUIET,
+        "--model.init_args.model",
+        args.model_path,
+        "--model.init_args.adapter",
+        "null",
+        "--data.init_args.dataset",
+        str(work / "toy"),
+        "--data.init_args.n_samples",
+        str(args.questions),
+        "--data.init_args.batch_size",
+        str(args.rollout_batch),
+        "--model.init_args.sampling.max_new_tokens",
+        str(args.new_tokens),
+        "--trainer.callbacks.init_args.output",
+        str(out),
     )
     rate = float(re.search(r"tokens/s \(this run\)\D*([\d.]+)", text).group(1))
     ids = [r["question_id"] for r in read_jsonl(out)]
@@ -104,14 +136,35 @@ def dpo(args, work: Path, devices: int) -> tuple[float, dict]:
     out = work / f"dpo{devices}"
     accumulate = args.global_batch // (2 * devices)
     text, seconds = cli(
-        "fit", "--config", "configs/dpo.yaml", *on(devices, args), *QUIET,
-        "--model.init_args.model", args.model_path, "--model.init_args.adapter", "null",
-        "--model.init_args.learning_rate", str(args.dpo_lr),
-        "--data.init_args.pairs", str(work / "pairs.jsonl"), "--data.init_args.rollouts", "null",
-        "--data.init_args.val_fraction", "0", "--data.init_args.batch_size", "2",
-        "--trainer.accumulate_grad_batches", str(accumulate), "--trainer.max_steps", str(args.dpo_steps),
-        "--trainer.limit_val_batches", "0",
-        "--trainer.callbacks.init_args.dirpath", str(out / "adapter"), "--trainer.logger.init_args.save_dir", str(out),
+        "fit",
+        "--config",
+        "configs/dpo.yaml",
+        *on(devices, args),
+        *QUIET,
+        "--model.init_args.model",
+        args.model_path,
+        "--model.init_args.adapter",
+        "null",
+        "--model.init_args.learning_rate",
+        str(args.dpo_lr),
+        "--data.init_args.pairs",
+        str(work / "pairs.jsonl"),
+        "--data.init_args.rollouts",
+        "null",
+        "--data.init_args.val_fraction",
+        "0",
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        str(accumulate),
+        "--trainer.max_steps",
+        str(args.dpo_steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.callbacks.init_args.dirpath",
+        str(out / "adapter"),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
     )
     rows = metrics(out)
     curve = [float(row["train/global_batch_loss"]) for row in rows if row.get("train/global_batch_loss")]
@@ -119,17 +172,33 @@ def dpo(args, work: Path, devices: int) -> tuple[float, dict]:
     warm = rates[len(rates) // 4 :]  # leave out the first quarter of the batches (warm-up)
     global_batch = re.search(r"DPO global batch: (\d+ pairs = .*? devices)", text).group(1)
     return devices * sum(warm) / len(warm), {
-        "global batch": global_batch, "curve": curve, "wall s": f"{seconds:.0f}", "adapter": str(out / "adapter")
+        "global batch": global_batch,
+        "curve": curve,
+        "wall s": f"{seconds:.0f}",
+        "adapter": str(out / "adapter"),
     }
 
 
 def evaluate(args, work: Path, devices: int) -> tuple[float, dict]:
     out = work / f"eval{devices}"
     text, seconds = cli(
-        "test", "--config", "configs/eval.yaml", *on(devices, args), *QUIET,
-        "--model.init_args.model", args.model_path, "--data.init_args.dataset", str(work / "toy"),
-        "--data.init_args.split", "test", "--model.init_args.sampling.max_new_tokens", str(args.new_tokens),
-        "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.logger", "false",
+        "test",
+        "--config",
+        "configs/eval.yaml",
+        *on(devices, args),
+        *QUIET,
+        "--model.init_args.model",
+        args.model_path,
+        "--data.init_args.dataset",
+        str(work / "toy"),
+        "--data.init_args.split",
+        "test",
+        "--model.init_args.sampling.max_new_tokens",
+        str(args.new_tokens),
+        "--trainer.callbacks.init_args.output_dir",
+        str(out),
+        "--trainer.logger",
+        "false",
     )
     records = read_jsonl(next(out.glob("*_platinum_eval.jsonl")))
     ids = [r["question_id"] for r in records]
@@ -139,7 +208,12 @@ def evaluate(args, work: Path, devices: int) -> tuple[float, dict]:
     return rate, {"records": str(len(ids)), "accuracy": f"{accuracy:.4f}", "wall s": f"{seconds:.0f}"}
 
 
-PHASES = {"ppo": (ppo, "questions/s"), "rollouts": (rollouts, "tokens/s"), "dpo": (dpo, "tokens/s"), "eval": (evaluate, "tokens/s")}
+PHASES = {
+    "ppo": (ppo, "questions/s"),
+    "rollouts": (rollouts, "tokens/s"),
+    "dpo": (dpo, "tokens/s"),
+    "eval": (evaluate, "tokens/s"),
+}
 
 
 def main() -> None:
@@ -169,7 +243,10 @@ def main() -> None:
 
     unit = "GPU" if args.accelerator == "gpu" else "CPU process"
     print(f"\n{args.model} ({args.model_path}), strategy {args.strategy}, 1 vs {args.devices} x {unit}")
-    print(f"\n| phase | rate | 1 {unit} | {args.devices} x {unit} | ratio | 1 {unit} details | {args.devices} x {unit} details |")
+    print(
+        f"\n| phase | rate | 1 {unit} | {args.devices} x {unit} | ratio | 1 {unit} details "
+        f"| {args.devices} x {unit} details |"
+    )
     print("|---|---|---|---|---|---|---|")
     results = {}
     for phase in args.phases:
@@ -178,15 +255,21 @@ def main() -> None:
         many, many_details = run(args, work, args.devices)
         results[phase] = (one_details, many_details)
         shown = lambda d: ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("curve", "adapter"))  # noqa: E731
-        print(f"| {phase} | {rate} | {one:,.1f} | {many:,.1f} | {many / one:.2f} | {shown(one_details)} | {shown(many_details)} |",
-              flush=True)
+        print(
+            f"| {phase} | {rate} | {one:,.1f} | {many:,.1f} | {many / one:.2f} "
+            f"| {shown(one_details)} | {shown(many_details)} |",
+            flush=True,
+        )
 
     if "dpo" in results:
         (one, many) = results["dpo"]
         steps = min(len(one["curve"]), len(many["curve"]))
         gap = max(abs(a - b) for a, b in zip(one["curve"], many["curve"]))
-        print(f"\nDPO loss, global batch {args.global_batch}, lr {args.dpo_lr}: largest |1 - {args.devices} x {unit}| over "
-              f"{steps} steps = {gap:.2e}")
+        print(
+            f"\nDPO loss, global batch {args.global_batch}, lr {args.dpo_lr}: "
+            f"largest |1 - {args.devices} x {unit}| over "
+            f"{steps} steps = {gap:.2e}"
+        )
         print(f"| step | 1 {unit} | {args.devices} x {unit} |\n|---|---|---|")
         for step, (a, b) in enumerate(zip(one["curve"], many["curve"])):
             print(f"| {step} | {a:.5f} | {b:.5f} |")

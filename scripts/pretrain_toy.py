@@ -159,8 +159,12 @@ def solve(
     ]
 
 
+# The packaged base's folder, where a rebuilt toy base replaces the shipped one by default.
+TOY_BASE = toy_base_path()
+
+
 def main(
-    out_dir: Path = toy_base_path(),
+    out_dir: Path = TOY_BASE,
     n_train: int = 8000,
     n_test: int = 200,
     data_seed: int = 0,
@@ -213,7 +217,8 @@ def main(
     print(
         f"held-out accuracy on {n_test} problems: greedy {results['greedy']:.1%}, "
         f"sampled (T=1) {results['sampled']:.1%} (working shown {results['worked']:.1%} of {len(worked)}, "
-        f"blurted {results['blurted']:.1%} of {len(blurted)}); pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
+        f"blurted {results['blurted']:.1%} of {len(blurted)}); "
+        f"pretraining {train_minutes:.1f} min, total {minutes:.1f} min"
     )
     (out_dir / "README.md").write_text(
         README.format(

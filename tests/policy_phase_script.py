@@ -5,7 +5,8 @@ a DDP run (Lightning relaunches this file once per rank, which ``python -c`` can
         [--devices 2] [--phases predict,test]
 
 ``--pause-after-first-batch S`` sleeps S seconds once the first predict batch is written, so a test can kill the run at
-a known point. The test phase evaluates into each of ``--eval-dirs`` in turn, one Trainer each in one process group; rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
+a known point. The test phase evaluates into each of ``--eval-dirs`` in turn, one Trainer each in one process group;
+rank 0 then writes ``{"platinum_accuracy": ...}`` to ``<dir>/result.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def rollout_parts(
     return module, datamodule, RegimeWCollector(output=output)
 
 
-def eval_parts(model: str, data: str, n_samples: int, output_dir: str) -> tuple[PolicyModule, GSM8KDataModule, PlatinumEval]:
+def eval_parts(
+    model: str, data: str, n_samples: int, output_dir: str
+) -> tuple[PolicyModule, GSM8KDataModule, PlatinumEval]:
     """The evaluation setup every eval test uses: greedy, 8 new tokens, batches of 2."""
     module = PolicyModule(model=model, dtype="float32", sampling=SamplingSettings(max_new_tokens=8, temperature=0.0))
     datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=n_samples, batch_size=2)

@@ -24,8 +24,13 @@ def test_builtins_and_which_use_the_critic():
     assert [name for name in ADVANTAGE_ESTIMATORS if ADVANTAGE_ESTIMATORS.resolve(name).uses_critic] == ["gae"]
     # Where the KL penalty goes unless the config says: group estimators keep it out of the reward.
     kl_in = {name: ADVANTAGE_ESTIMATORS.resolve(name).kl_in for name in ADVANTAGE_ESTIMATORS}
-    assert kl_in == {"gae": "reward", "reinforce++": "reward", "grpo": "loss", "rloo": "loss",
-                     "reinforce++-baseline": "loss"}
+    assert kl_in == {
+        "gae": "reward",
+        "reinforce++": "reward",
+        "grpo": "loss",
+        "rloo": "loss",
+        "reinforce++-baseline": "loss",
+    }
 
 
 def test_grpo_normalises_within_each_group_of_four():
@@ -132,7 +137,8 @@ def test_grpo_matches_trls_formula_for_every_scale_rewards():
 def test_kl_in_the_reward_gives_a_uniform_group_a_unit_advantage_whatever_the_coefficient():
     """Issue 15's example: four right answers whose summed KL is [0.3, 0.6, 0.9, 1.2]. With the KL folded into the
     reward, standardising turns the KL alone into advantages of about [1.16, 0.39, -0.39, -1.16] at kl_coef 0.05 and
-    still [1.16, 0.39, -0.39, -1.16] at 0.0005; with the KL in the loss (PPO passes kl_coef 0) the group carries none."""
+    still [1.16, 0.39, -0.39, -1.16] at 0.0005; with the KL in the loss (PPO passes kl_coef 0) the group carries
+    none."""
     scores = t([1.0, 1.0, 1.0, 1.0])
     mask = t([[1, 1, 1]] * 4)
     kl = t([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.3, 0.3, 0.3], [0.4, 0.4, 0.4]])

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import must_finish_within
 
 from abel_lightning.answers import (
     ANSWER_CHECKERS,
@@ -12,7 +13,6 @@ from abel_lightning.answers import (
     extract_gold,
     is_correct,
 )
-from conftest import must_finish_within
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -90,7 +90,11 @@ def formats_md_table() -> list[tuple[str, str | None]]:
 def test_the_table_in_formats_md():
     table = formats_md_table()
     assert len(table) >= 45
-    wrong = [(written, expected, extract_answer(written)) for written, expected in table if extract_answer(written) != expected]
+    wrong = [
+        (written, expected, extract_answer(written))
+        for written, expected in table
+        if extract_answer(written) != expected
+    ]
     assert not wrong
 
 

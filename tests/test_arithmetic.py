@@ -3,9 +3,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from conftest import must_finish_within
 
 from abel_lightning.arithmetic import MAX_DEPTH, arithmetic_consistency, evaluate
-from conftest import must_finish_within
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 

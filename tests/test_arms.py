@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from policy_phase_script import trainer
 
 from abel_lightning.bandit import ALLOCATIONS, UCB, Arm, Thompson, Uniform, arm_statistics
 from abel_lightning.callbacks.regime_w import RegimeWCollector
@@ -19,7 +20,6 @@ from abel_lightning.models.loading import load_base, load_tokenizer
 from abel_lightning.modules.policy import PolicyModule
 from abel_lightning.prompts import format_prompt
 from abel_lightning.schemas import ROLLOUT
-from policy_phase_script import trainer
 
 
 def observed(allocation, outcomes: list[tuple[int, bool, float]], arms: int):
@@ -54,6 +54,7 @@ def test_thompson_favours_the_accurate_arm_reproducibly_from_its_seed():
     # Beta(11, 1) against Beta(1, 11) and Beta(1, 1): arm 0 takes nearly every draw.
     shares = [thompson.allocate(f"train/{i}", 8).count(0) for i in range(50)]
     assert sum(shares) / (50 * 8) > 0.85
+
     def choices(allocation):
         return [allocation.allocate(f"train/{i}", 8) for i in range(50)]
 
@@ -64,11 +65,21 @@ def test_thompson_favours_the_accurate_arm_reproducibly_from_its_seed():
 
 def test_arm_statistics_of_a_hand_worked_group():
     def t(arm, answer, correct, reward, tokens):
-        return {"arm": arm, "arm_name": f"a{arm}", "temperature": 0.1 * (arm + 2), "answer": answer,
-                "correct": correct, "reward": reward, "num_tokens": tokens, "full_text": ""}
+        return {
+            "arm": arm,
+            "arm_name": f"a{arm}",
+            "temperature": 0.1 * (arm + 2),
+            "answer": answer,
+            "correct": correct,
+            "reward": reward,
+            "num_tokens": tokens,
+            "full_text": "",
+        }
 
-    records = [{"trajectories": [t(0, "18", True, 1.0, 100), t(1, "18", True, 0.9, 120), t(1, "20", False, 0.1, 80)]},
-               {"trajectories": [t(0, None, False, -0.1, 60), t(1, "7", False, 0.0, 40), t(0, "7", False, 0.0, 20)]}]
+    records = [
+        {"trajectories": [t(0, "18", True, 1.0, 100), t(1, "18", True, 0.9, 120), t(1, "20", False, 0.1, 80)]},
+        {"trajectories": [t(0, None, False, -0.1, 60), t(1, "7", False, 0.0, 40), t(0, "7", False, 0.0, 20)]},
+    ]
     arm0, arm1 = arm_statistics(records)
     assert (arm0["name"], arm0["samples"], arm0["accuracy"]) == ("a0", 3, 1 / 3)
     assert arm0["mean_reward"] == pytest.approx(0.3) and arm0["mean_tokens"] == pytest.approx(60)
@@ -93,8 +104,9 @@ def eight_arms() -> list[Arm]:
 
 def rollouts(tiny_model, shared_data, output, arms, n_samples=4, **module_args) -> list[dict]:
     module = PolicyModule(model=tiny_model, dtype="float32", arms=arms, **module_args)
-    data = GSM8KDataModule(dataset=str(shared_data / "gsm8k/train.jsonl"), split="train", n_samples=n_samples,
-                           batch_size=2)
+    data = GSM8KDataModule(
+        dataset=str(shared_data / "gsm8k/train.jsonl"), split="train", n_samples=n_samples, batch_size=2
+    )
     trainer([RegimeWCollector(output=str(output))]).predict(module, datamodule=data, return_predictions=False)
     return read_jsonl(output, ROLLOUT)
 
@@ -114,8 +126,11 @@ def test_eight_arms_decode_each_with_its_own_settings_and_are_recorded(tiny_mode
             assert trajectory["num_tokens"] <= arm.sampling.max_new_tokens
             if arm.sampling.greedy:
                 # Decoded side by side with the other arms, each greedy arm gives what it gives alone.
-                prompt = record["prompt"] if arm.prompt_template is None else format_prompt(record["question"],
-                                                                                          arm.prompt_template)
+                prompt = (
+                    record["prompt"]
+                    if arm.prompt_template is None
+                    else format_prompt(record["question"], arm.prompt_template)
+                )
                 alone = generate(model, tokenizer, [prompt], arm.sampling)[0][0]
                 assert trajectory["full_text"] == alone.text, arm.name
     # The stop arm ended early on its stop string where the greedy arm ran on.
@@ -129,8 +144,9 @@ def test_eight_arms_decode_each_with_its_own_settings_and_are_recorded(tiny_mode
 def test_a_learning_allocation_resumes_from_the_file_as_if_never_stopped(tiny_model, shared_data, tmp_path):
     # Greedy arms of different lengths: rewards differ by arm (length penalty) and the run is deterministic.
     arms = [Arm(f"len{n}", SamplingSettings(temperature=0.0, max_new_tokens=n)) for n in (2, 8, 5)]
-    whole = rollouts(tiny_model, shared_data, tmp_path / "whole.jsonl", arms, n_samples=6, samples_per_question=4,
-                     allocation="ucb")
+    whole = rollouts(
+        tiny_model, shared_data, tmp_path / "whole.jsonl", arms, n_samples=6, samples_per_question=4, allocation="ucb"
+    )
     choices = [[t["arm"] for t in r["trajectories"]] for r in whole]
     assert len({tuple(c) for c in choices}) > 1, "the allocation must change over the run for the test to mean much"
     assert any(len(set(c)) < len(c) for c in choices)
@@ -154,8 +170,10 @@ def test_the_shipped_arms_give_eight_distinct_arms_and_temperatures(config, tiny
     shipped = yaml.safe_load((root / config).read_text())["model"]["init_args"]
     assert shipped["samples_per_question"] is None and shipped["allocation"] == "uniform"
     # The shipped settings, with fewer new tokens: a random model never stops and the test must stay short.
-    arms = [Arm(a["name"], SamplingSettings(**{**a["sampling"], "max_new_tokens": 6}), a.get("prompt_template"))
-            for a in shipped["arms"]]
+    arms = [
+        Arm(a["name"], SamplingSettings(**{**a["sampling"], "max_new_tokens": 6}), a.get("prompt_template"))
+        for a in shipped["arms"]
+    ]
     records = rollouts(tiny_model, shared_data, tmp_path / "rollouts.jsonl", arms, n_samples=2)
     for record in records:
         trajectories = record["trajectories"]

@@ -14,8 +14,15 @@ from abel_lightning.schemas import EVAL
 
 def write_eval(path: Path, outcomes: dict[int, bool]) -> str:
     records = [
-        {"question_id": f"test/{row}", "question": "q", "gold_answer": "1", "completion": "c",
-         "answer": "1" if right else "2", "correct": right, "num_tokens": 3}
+        {
+            "question_id": f"test/{row}",
+            "question": "q",
+            "gold_answer": "1",
+            "completion": "c",
+            "answer": "1" if right else "2",
+            "correct": right,
+            "num_tokens": 3,
+        }
         for row, right in outcomes.items()
     ]
     write_jsonl_atomic(path, records, EVAL)

@@ -201,11 +201,14 @@ def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_
     per_prompt = [SamplingSettings(temperature=0.0, max_new_tokens=n) for n in (16, 5, 16, 9)]
     per_prompt[longest] = SamplingSettings(temperature=0.0, max_new_tokens=16, stop_strings=[stop])
     per_prompt[(longest + 1) % 4].stop_strings = ["\n\n"]
-    expected = [generate(model, tokenizer, [p], SamplingSettings(**{**vars(s), "engine": "hf"}))[0]
-                for p, s in zip(PROMPTS, per_prompt)]
+    expected = [
+        generate(model, tokenizer, [p], SamplingSettings(**{**vars(s), "engine": "hf"}))[0]
+        for p, s in zip(PROMPTS, per_prompt)
+    ]
     for engine in ("static", "hf"):
-        together = generate(model, tokenizer, PROMPTS, [SamplingSettings(**{**vars(s), "engine": engine})
-                                                        for s in per_prompt])
+        together = generate(
+            model, tokenizer, PROMPTS, [SamplingSettings(**{**vars(s), "engine": engine}) for s in per_prompt]
+        )
         assert [[c.response_ids for c in g] for g in together] == [[c.response_ids for c in g] for g in expected]
     assert stop in together[longest][0].text and len(together[longest][0].response_ids) < 16
     assert all(len(g[0].response_ids) <= s.max_new_tokens for g, s in zip(together, per_prompt))
@@ -227,9 +230,14 @@ def test_each_row_samples_from_its_own_temperature_and_greedy_rows_stay_greedy(t
     rows = 4000
     never = len(tokenizer) - 1
     torch.manual_seed(0)
-    tokens = decode_engine(model).decode(
-        encoded["input_ids"], encoded["attention_mask"], per_prompt, rows, [never], tokenizer.pad_token_id
-    )[:, 0].view(3, rows).cpu()
+    tokens = (
+        decode_engine(model)
+        .decode(encoded["input_ids"], encoded["attention_mask"], per_prompt, rows, [never], tokenizer.pad_token_id)[
+            :, 0
+        ]
+        .view(3, rows)
+        .cpu()
+    )
     with torch.no_grad():
         logits = model(**tokenizer(prompts[:1], return_tensors="pt").to(device)).logits[0, -1].double().cpu()
     assert (tokens[0] == logits.argmax()).all()

@@ -25,8 +25,7 @@ from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
 from abel_lightning.data.preferences import PreferenceDataModule, collate_pairs, encode_response, held_out_questions
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.architectures import ALL_PROJECTIONS
-from abel_lightning.models.loading import load_base, load_tokenizer, save_adapter
-from abel_lightning.models.loading import LoraSettings, attach_lora
+from abel_lightning.models.loading import LoraSettings, attach_lora, load_base, load_tokenizer, save_adapter
 from abel_lightning.models.sequences import pack, sequence_logprobs
 from abel_lightning.modules.dpo import DPOModule
 from abel_lightning.modules.reference_logprobs import ReferenceLogprobs
@@ -149,25 +148,48 @@ def test_setup_filters_kinds_and_indexes_pairs_by_their_line(tiny_model, tmp_pat
 
 def test_prepare_data_builds_missing_pairs_from_rollouts(tmp_path):
     def trajectory(text, correct, reward):
-        return {"full_text": text, "answer": "7" if correct else "3", "num_tokens": 5, "reward": reward,
-                "correct": correct, "arm": 0}
+        return {
+            "full_text": text,
+            "answer": "7" if correct else "3",
+            "num_tokens": 5,
+            "reward": reward,
+            "correct": correct,
+            "arm": 0,
+        }
 
-    rollout = {"question_id": "test/0", "question": "q", "prompt": "Question:\nq\nAnswer:\n", "gold_answer": "7",
-               "s_end": 1.0, "s_path": 1.0, "s_cf": 1.0, "s_wm": 1.0,
-               "trajectories": [trajectory("#### 7", True, 1.1), trajectory("so #### 7", True, 1.0),
-                                trajectory("#### 3", False, 0.0)]}
+    rollout = {
+        "question_id": "test/0",
+        "question": "q",
+        "prompt": "Question:\nq\nAnswer:\n",
+        "gold_answer": "7",
+        "s_end": 1.0,
+        "s_path": 1.0,
+        "s_cf": 1.0,
+        "s_wm": 1.0,
+        "trajectories": [
+            trajectory("#### 7", True, 1.1),
+            trajectory("so #### 7", True, 1.0),
+            trajectory("#### 3", False, 0.0),
+        ],
+    }
     rollouts = tmp_path / "rollouts.jsonl"
     rollouts.write_text(json.dumps(rollout) + "\n")
     data = PreferenceDataModule(str(tmp_path / "pairs.jsonl"), rollouts=str(rollouts))
     data.prepare_data()
-    assert [pair["kind"] for pair in read_jsonl(tmp_path / "pairs.jsonl")] == ["correctness", "correctness", "coherence"]
+    assert [pair["kind"] for pair in read_jsonl(tmp_path / "pairs.jsonl")] == [
+        "correctness",
+        "correctness",
+        "coherence",
+    ]
 
 
 # -- the module --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("reference", "start"), [("cached", "ppo"), ("adapter", "ppo"), ("adapter", "fresh")])
-def test_first_step_loss_is_log_2_with_the_starting_policy_as_reference(tiny_model, adapter, tmp_path, reference, start):
+def test_first_step_loss_is_log_2_with_the_starting_policy_as_reference(
+    tiny_model, adapter, tmp_path, reference, start
+):
     start_adapter = adapter if start == "ppo" else None  # a fresh LoRA: the reference is the base alone
     module, _, rows = fit(tiny_model, start_adapter, write_pairs(tmp_path / "pairs.jsonl"), 1, reference=reference)
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -195,15 +217,25 @@ def test_fifteen_steps_lower_the_loss_and_raise_reward_accuracy(tiny_model, adap
 def test_adapter_reference_trains_exactly_like_the_cache(tiny_model, adapter, tmp_path):
     _, _, cached = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 4, reference="cached")
     # With activation checkpointing, whose recomputed forward must find the trained adapter active again.
-    _, _, frozen = fit(tiny_model, adapter, tmp_path / "pairs.jsonl", 4, reference="adapter", gradient_checkpointing=True)
+    _, _, frozen = fit(
+        tiny_model, adapter, tmp_path / "pairs.jsonl", 4, reference="adapter", gradient_checkpointing=True
+    )
     assert [r["train/loss"] for r in frozen] == pytest.approx([r["train/loss"] for r in cached], abs=1e-5)
     assert frozen[-1]["train/loss"] < frozen[0]["train/loss"] - 0.02  # the reference stayed put while the policy moved
 
 
-def test_saved_adapter_loads_on_the_plain_base_and_checkpoint_holds_trainable_weights_only(tiny_model, adapter, tmp_path):
+def test_saved_adapter_loads_on_the_plain_base_and_checkpoint_holds_trainable_weights_only(
+    tiny_model, adapter, tmp_path
+):
     folder = tmp_path / "dpo_lora"
-    module, _, _ = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 3, reference="adapter",
-                       callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
+    module, _, _ = fit(
+        tiny_model,
+        adapter,
+        write_pairs(tmp_path / "pairs.jsonl"),
+        3,
+        reference="adapter",
+        callbacks=(AdapterCheckpoint(str(folder), save_every=0),),
+    )
     assert (folder / "adapter_model.safetensors").exists() and not (folder / "reference").exists()
 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder)
@@ -237,8 +269,13 @@ def test_reference_cache_is_reused_and_invalidated_by_a_new_pairs_file(tiny_mode
 
 def test_resume_without_its_reference_cache_refuses_to_recompute_it(tiny_model, adapter, tmp_path):
     folder = tmp_path / "dpo_lora"
-    module, _, _ = fit(tiny_model, adapter, write_pairs(tmp_path / "pairs.jsonl"), 1,
-                       callbacks=(AdapterCheckpoint(str(folder), save_every=0),))
+    module, _, _ = fit(
+        tiny_model,
+        adapter,
+        write_pairs(tmp_path / "pairs.jsonl"),
+        1,
+        callbacks=(AdapterCheckpoint(str(folder), save_every=0),),
+    )
     module.reference.path.unlink()
     with pytest.raises(FileNotFoundError, match="cannot be recomputed from trained weights"):
         fit(tiny_model, adapter, tmp_path / "pairs.jsonl", 2, ckpt_path=str(folder / "last.ckpt"))
@@ -275,9 +312,20 @@ def test_ddp_matches_one_process(tiny_model, adapter, tmp_path):
     (tmp_path / "one").mkdir(), (tmp_path / "ddp").mkdir()
     single, _, rows = fit(tiny_model, adapter, write_pairs(tmp_path / "one/pairs.jsonl"), 5, val_fraction=0.0)
     subprocess.run(
-        [sys.executable, __file__, "--model", tiny_model, "--adapter", adapter,
-         "--pairs", str(write_pairs(tmp_path / "ddp/pairs.jsonl")), "--out", str(tmp_path / "ddp/result.json")],
-        check=True, timeout=240,
+        [
+            sys.executable,
+            __file__,
+            "--model",
+            tiny_model,
+            "--adapter",
+            adapter,
+            "--pairs",
+            str(write_pairs(tmp_path / "ddp/pairs.jsonl")),
+            "--out",
+            str(tmp_path / "ddp/result.json"),
+        ],
+        check=True,
+        timeout=240,
     )
     ddp = json.loads((tmp_path / "ddp/result.json").read_text())
     losses = [row["train/loss"] for row in rows]
@@ -291,15 +339,18 @@ def ddp_worker() -> None:
     for name in ("--model", "--adapter", "--pairs", "--out"):
         parser.add_argument(name, required=True)
     args = parser.parse_args()
-    module, trainer, rows = fit(args.model, args.adapter, Path(args.pairs), 5, devices=2, batch_size=1, val_fraction=0.0)
+    module, trainer, rows = fit(
+        args.model, args.adapter, Path(args.pairs), 5, devices=2, batch_size=1, val_fraction=0.0
+    )
     if trainer.is_global_zero:
         result = {"losses": [row["train/loss"] for row in rows], "reference": module.reference.logps.tolist()}
         Path(args.out).write_text(json.dumps(result))
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(tiny_model, gradient_checkpointing,
-                                                                                          monkeypatch):
+def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_same_numbers(
+    tiny_model, gradient_checkpointing, monkeypatch
+):
     """bf16-mixed training: autocast, not PEFT, casts LoRA inputs; that must give PEFT's numbers exactly, and the
     forward recomputed by checkpointing (outside response_forward's context) must match the one it saved."""
     from peft.helpers import disable_input_dtype_casting
@@ -310,8 +361,13 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
 
     def logprobs_and_grads():
         torch.manual_seed(0)  # the same LoRA A initialisation
-        policy = attach_lora(load_base(tiny_model, "bfloat16"), LoraSettings(r=4, alpha=8), None, trainable=True,
-                             gradient_checkpointing=gradient_checkpointing)
+        policy = attach_lora(
+            load_base(tiny_model, "bfloat16"),
+            LoraSettings(r=4, alpha=8),
+            None,
+            trainable=True,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         generator = torch.Generator().manual_seed(0)
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
@@ -324,8 +380,9 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
 
     ours, our_grads = logprobs_and_grads()
     # PEFT's own path: its input casting left on.
-    monkeypatch.setattr(sequences, "disable_input_dtype_casting",
-                        lambda model, active: disable_input_dtype_casting(model, False))
+    monkeypatch.setattr(
+        sequences, "disable_input_dtype_casting", lambda model, active: disable_input_dtype_casting(model, False)
+    )
     peft, peft_grads = logprobs_and_grads()
     torch.testing.assert_close(ours, peft, rtol=0, atol=0)
     assert our_grads.keys() == peft_grads.keys() and len(our_grads) > 0

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
     tokenizer = build_tokenizer(["Tom has 3 apples. #### 3"] * 4, 300)
-    model = attach_lora(random_model("tiny-llama", tokenizer).to(torch.bfloat16), LoraSettings(r=4, alpha=8), None,
-                        trainable=True)
+    model = attach_lora(
+        random_model("tiny-llama", tokenizer).to(torch.bfloat16), LoraSettings(r=4, alpha=8), None, trainable=True
+    )
     wrapped = [name for name, module in model.named_modules() if wrap_decoder_layers_and_lora(module, False, 0)]
     layers = [n for n in wrapped if n.endswith(tuple(f"layers.{i}" for i in range(10)))]
     lora = [n for n in wrapped if ".lora_A." in n or ".lora_B." in n]
@@ -55,8 +56,19 @@ def abel_lightning(*args: str, timeout: int = 600) -> subprocess.CompletedProces
 def run_cli(config: str, strategy: str, out: Path, *args: str) -> Path:
     """``abel-lightning fit`` on 2 gloo processes; returns the adapter folder it saved."""
     run = abel_lightning(
-        "fit", "--config", config, "--config", strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-        "--trainer.callbacks.init_args.dirpath", str(out / "adapter"), "--trainer.logger.init_args.save_dir", str(out),
+        "fit",
+        "--config",
+        config,
+        "--config",
+        strategy,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.callbacks.init_args.dirpath",
+        str(out / "adapter"),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
         *args,
     )
     assert run.returncode == 0, run.stderr[-4000:]
@@ -78,19 +90,50 @@ def phase_args(phase: str, tiny_model: str, tmp_path: Path) -> tuple[str, str, l
     """The phase's tiny config, its base model, and the arguments that make it a short run."""
     if phase == "ppo":  # the shipped toy base, which gets some toy problems right; GAE trains the value head too
         toy = write_toy_dataset(tmp_path / "toy", n_train=32, n_test=1)["train"]
-        return str(REPO / "configs/tiny/ppo.yaml"), "builtin:toy", [
-            "--model.init_args.advantage", "gae", "--model.init_args.target_kl", "null",
-            "--model.init_args.minibatch_size", "8", "--data.init_args.dataset", str(toy.parent),
-            "--data.init_args.n_samples", "8", "--data.init_args.batch_size", "4", "--trainer.max_steps", "8",
-        ]
+        return (
+            str(REPO / "configs/tiny/ppo.yaml"),
+            "builtin:toy",
+            [
+                "--model.init_args.advantage",
+                "gae",
+                "--model.init_args.target_kl",
+                "null",
+                "--model.init_args.minibatch_size",
+                "8",
+                "--data.init_args.dataset",
+                str(toy.parent),
+                "--data.init_args.n_samples",
+                "8",
+                "--data.init_args.batch_size",
+                "4",
+                "--trainer.max_steps",
+                "8",
+            ],
+        )
     # From a starting adapter with a frozen copy as the reference: two adapters in the sharded model.
     start = make_adapter(tiny_model, tmp_path / "start")
-    return str(REPO / "configs/tiny/dpo.yaml"), tiny_model, [
-        "--model.init_args.model", tiny_model, "--model.init_args.adapter", str(start), "--model.init_args.reference",
-        "adapter", "--model.init_args.learning_rate", "1e-2", "--data.init_args.pairs",
-        str(write_pairs(tmp_path / "pairs.jsonl", 16)), "--data.init_args.rollouts", "null",
-        "--data.init_args.val_fraction", "0", "--trainer.max_steps", "2",
-    ]
+    return (
+        str(REPO / "configs/tiny/dpo.yaml"),
+        tiny_model,
+        [
+            "--model.init_args.model",
+            tiny_model,
+            "--model.init_args.adapter",
+            str(start),
+            "--model.init_args.reference",
+            "adapter",
+            "--model.init_args.learning_rate",
+            "1e-2",
+            "--data.init_args.pairs",
+            str(write_pairs(tmp_path / "pairs.jsonl", 16)),
+            "--data.init_args.rollouts",
+            "null",
+            "--data.init_args.val_fraction",
+            "0",
+            "--trainer.max_steps",
+            "2",
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -106,7 +149,9 @@ def test_fsdp_trains_the_adapter_ddp_trains_and_saves_it_for_one_device(phase, t
     for key in sharded:
         torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-4, atol=1e-6)
     if phase == "ppo":
-        torch.testing.assert_close(load_file(fsdp / "value_head.safetensors"), load_file(ddp / "value_head.safetensors"))
+        torch.testing.assert_close(
+            load_file(fsdp / "value_head.safetensors"), load_file(ddp / "value_head.safetensors")
+        )
     # The adapter saved under FSDP loads on the plain base, on one device, and changes its output.
     base = load_base(model, "float32")
     ids = torch.tensor([[1, 5, 9, 13]])
@@ -116,11 +161,28 @@ def test_fsdp_trains_the_adapter_ddp_trains_and_saves_it_for_one_device(phase, t
 
 def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_model, cpu_fsdp_strategy, tmp_path):
     run = abel_lightning(
-        "fit", "--config", str(REPO / "configs/tiny/dpo.yaml"), "--config", cpu_fsdp_strategy,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--model.init_args.model", tiny_model,
-        "--model.init_args.adapter", "null", "--data.init_args.pairs", str(write_pairs(tmp_path / "p.jsonl")),
-        "--data.init_args.rollouts", "null", "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=300,
+        "fit",
+        "--config",
+        str(REPO / "configs/tiny/dpo.yaml"),
+        "--config",
+        cpu_fsdp_strategy,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--model.init_args.model",
+        tiny_model,
+        "--model.init_args.adapter",
+        "null",
+        "--data.init_args.pairs",
+        str(write_pairs(tmp_path / "p.jsonl")),
+        "--data.init_args.rollouts",
+        "null",
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path / "adapter"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        timeout=300,
     )
     assert run.returncode != 0
     assert "needs 2 or more devices" in run.stderr and "configs/strategy/ddp.yaml" in run.stderr
@@ -132,12 +194,22 @@ def test_evaluation_under_fsdp_scores_each_question_once_with_one_process_accura
     # 23 questions in batches of 5: rank 1's 11 questions and the filler take 3 batches, as rank 0's 12 do.
     toy = write_toy_dataset(tmp_path / "toy", n_train=1, n_test=23)["test"].parent
     accuracy, ids = {}, {}
-    for name, args in {"one": ["--trainer.devices", "1"],
-                       "fsdp": ["--config", cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2"]}.items():
+    for name, args in {
+        "one": ["--trainer.devices", "1"],
+        "fsdp": ["--config", cpu_fsdp_strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+    }.items():
         out = tmp_path / name
         run = abel_lightning(
-            "test", "--config", str(REPO / "configs/tiny/eval.yaml"), *args, "--data.init_args.dataset", str(toy),
-            "--data.init_args.batch_size", "5", "--trainer.callbacks.init_args.output_dir", str(out),
+            "test",
+            "--config",
+            str(REPO / "configs/tiny/eval.yaml"),
+            *args,
+            "--data.init_args.dataset",
+            str(toy),
+            "--data.init_args.batch_size",
+            "5",
+            "--trainer.callbacks.init_args.output_dir",
+            str(out),
         )
         assert run.returncode == 0, run.stderr[-4000:]
         # The accuracy the callback reduced over ranks and printed, and the one the written records give.
@@ -157,10 +229,25 @@ def test_rollouts_under_fsdp_give_each_question_once_in_source_order(cpu_fsdp_st
     toy = write_toy_dataset(tmp_path / "toy", n_train=7, n_test=1)["train"].parent
     output = tmp_path / "rollouts.jsonl"
     run = abel_lightning(
-        "predict", "--config", str(REPO / "configs/tiny/rollouts.yaml"), "--config", cpu_fsdp_strategy,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.init_args.adapter", "null",
-        "--data.init_args.dataset", str(toy), "--data.init_args.n_samples", "null", "--data.init_args.batch_size", "3",
-        "--trainer.callbacks.init_args.output", str(output),
+        "predict",
+        "--config",
+        str(REPO / "configs/tiny/rollouts.yaml"),
+        "--config",
+        cpu_fsdp_strategy,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--model.init_args.adapter",
+        "null",
+        "--data.init_args.dataset",
+        str(toy),
+        "--data.init_args.n_samples",
+        "null",
+        "--data.init_args.batch_size",
+        "3",
+        "--trainer.callbacks.init_args.output",
+        str(output),
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "MEMBER: 2/2" in run.stderr
@@ -174,14 +261,31 @@ def test_dpo_under_fsdp_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mod
     """One epoch, then a second from ``last.ckpt`` (sharded optimizer state, loop state), against two in one go."""
     config = str(REPO / "configs/tiny/dpo.yaml")
     args = [
-        "--model.init_args.model", tiny_model, "--model.init_args.adapter", "null", "--model.init_args.learning_rate",
-        "1e-2", "--data.init_args.pairs", str(write_pairs(tmp_path / "pairs.jsonl", 24)), "--data.init_args.rollouts",
-        "null", "--data.init_args.val_fraction", "0",
+        "--model.init_args.model",
+        tiny_model,
+        "--model.init_args.adapter",
+        "null",
+        "--model.init_args.learning_rate",
+        "1e-2",
+        "--data.init_args.pairs",
+        str(write_pairs(tmp_path / "pairs.jsonl", 24)),
+        "--data.init_args.rollouts",
+        "null",
+        "--data.init_args.val_fraction",
+        "0",
     ]
     straight = run_cli(config, cpu_fsdp_strategy, tmp_path / "straight", *args, "--trainer.max_epochs", "2")
     run_cli(config, cpu_fsdp_strategy, tmp_path / "resumed", *args, "--trainer.max_epochs", "1")
-    resumed = run_cli(config, cpu_fsdp_strategy, tmp_path / "resumed", *args, "--trainer.max_epochs", "2",
-                      "--ckpt_path", str(tmp_path / "resumed/adapter/last.ckpt"))
+    resumed = run_cli(
+        config,
+        cpu_fsdp_strategy,
+        tmp_path / "resumed",
+        *args,
+        "--trainer.max_epochs",
+        "2",
+        "--ckpt_path",
+        str(tmp_path / "resumed/adapter/last.ckpt"),
+    )
 
     losses = lambda folder: [row["train/global_batch_loss"] for row in logged(folder)]  # noqa: E731
     assert losses(tmp_path / "resumed/dpo/version_1") == losses(tmp_path / "straight/dpo/version_0")[3:]

@@ -13,7 +13,11 @@ from abel_lightning.prompts import format_prompt
 
 @pytest.mark.parametrize(
     ("relative", "split", "rows"),
-    [("gsm8k/train.jsonl", "train", 7473), ("gsm8k/test.jsonl", "test", 1319), ("gsm8k_platinum/test.jsonl", "test", 1209)],
+    [
+        ("gsm8k/train.jsonl", "train", 7473),
+        ("gsm8k/test.jsonl", "test", 1319),
+        ("gsm8k_platinum/test.jsonl", "test", 1209),
+    ],
 )
 def test_reads_the_three_shared_files(shared_data, relative, split, rows):
     data = GSM8KDataModule(dataset=str(shared_data / relative), split=split, batch_size=8)

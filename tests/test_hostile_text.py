@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from conftest import must_finish_within
+from policy_phase_script import K, eval_parts, rollout_parts, trainer
+
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.rewards import REWARDS
 from abel_lightning.schemas import EVAL, ROLLOUT
-from conftest import must_finish_within
-from policy_phase_script import K, eval_parts, rollout_parts, trainer
 
 N = 4
 HOSTILE = [

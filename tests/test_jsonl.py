@@ -16,15 +16,29 @@ from abel_lightning.schemas import EVAL, PAIR, QUESTION, ROLLOUT
 
 
 def trajectory(**changes):
-    record = {"full_text": "3 * 6 = 18. The answer is 18.", "answer": "18", "num_tokens": 12, "reward": 1.02,
-              "correct": True, "arm": 0}
+    record = {
+        "full_text": "3 * 6 = 18. The answer is 18.",
+        "answer": "18",
+        "num_tokens": 12,
+        "reward": 1.02,
+        "correct": True,
+        "arm": 0,
+    }
     return {**record, **changes}
 
 
 def rollout(**changes):
-    record = {"question_id": "test/0", "question": "Q?", "prompt": "Question:\nQ?\nAnswer:\n", "gold_answer": "18",
-              "s_end": 1, "s_path": 0.98, "s_cf": 1.0, "s_wm": 0.994,
-              "trajectories": [trajectory(), trajectory(answer=None, correct=False, reward=0)]}
+    record = {
+        "question_id": "test/0",
+        "question": "Q?",
+        "prompt": "Question:\nQ?\nAnswer:\n",
+        "gold_answer": "18",
+        "s_end": 1,
+        "s_path": 0.98,
+        "s_cf": 1.0,
+        "s_wm": 0.994,
+        "trajectories": [trajectory(), trajectory(answer=None, correct=False, reward=0)],
+    }
     return {**record, **changes}
 
 
@@ -43,8 +57,15 @@ def test_round_trip_atomic(tmp_path):
 
 def test_round_trip_appender(tmp_path):
     path = tmp_path / "evals.jsonl"
-    record = {"question_id": "test/0", "question": "Q?", "gold_answer": "18", "completion": "The answer is 18.",
-              "answer": "18", "correct": True, "num_tokens": 7}
+    record = {
+        "question_id": "test/0",
+        "question": "Q?",
+        "gold_answer": "18",
+        "completion": "The answer is 18.",
+        "answer": "18",
+        "correct": True,
+        "num_tokens": 7,
+    }
     with JsonlAppender(path, EVAL) as out:
         out.append(record)
     with JsonlAppender(path, EVAL) as out:
@@ -53,7 +74,9 @@ def test_round_trip_appender(tmp_path):
 
 
 def test_blank_lines_are_skipped_and_extra_fields_allowed(tmp_path):
-    path = write_lines(tmp_path / "q.jsonl", '{"question_id": "a", "question": "Q", "gold_answer": "1", "x": 5}', "", "  ")
+    path = write_lines(
+        tmp_path / "q.jsonl", '{"question_id": "a", "question": "Q", "gold_answer": "1", "x": 5}', "", "  "
+    )
     assert list(iter_jsonl(path, QUESTION)) == [{"question_id": "a", "question": "Q", "gold_answer": "1", "x": 5}]
 
 
@@ -66,21 +89,36 @@ GOOD = json.dumps(rollout())
         ('{"question_id": "test/1", ', None, "not valid JSON (Expecting property name enclosed in double quotes"),
         ('{"s_end": NaN}', None, "not valid JSON (NaN is not a JSON number)"),
         ("[1, 2]", None, "expected a JSON object, got [1, 2]"),
-        (json.dumps({k: v for k, v in rollout().items() if k != "prompt"}), "prompt",
-         "field 'prompt': expected str, got nothing (the field is missing)"),
+        (
+            json.dumps({k: v for k, v in rollout().items() if k != "prompt"}),
+            "prompt",
+            "field 'prompt': expected str, got nothing (the field is missing)",
+        ),
         (json.dumps(rollout(s_cf="high")), "s_cf", "field 's_cf': expected float, got 'high'"),
         (json.dumps(rollout(s_end=True)), "s_end", "field 's_end': expected float, got True"),
         (json.dumps(rollout(trajectories={"a": 1})), "trajectories", "expected a list of objects, got {'a': 1}"),
         (json.dumps(rollout(trajectories=[trajectory(), 5])), "trajectories[1]", "expected a JSON object, got 5"),
-        (json.dumps(rollout(trajectories=[trajectory()] * 3 + [trajectory(reward="1.0")])), "trajectories[3].reward",
-         "field 'trajectories[3].reward': expected float, got '1.0'"),
-        (json.dumps(rollout(trajectories=[trajectory(num_tokens=True)])), "trajectories[0].num_tokens",
-         "expected int, got True"),
-        (json.dumps(rollout(trajectories=[trajectory(num_tokens=12.0)])), "trajectories[0].num_tokens",
-         "expected int, got 12.0"),
+        (
+            json.dumps(rollout(trajectories=[trajectory()] * 3 + [trajectory(reward="1.0")])),
+            "trajectories[3].reward",
+            "field 'trajectories[3].reward': expected float, got '1.0'",
+        ),
+        (
+            json.dumps(rollout(trajectories=[trajectory(num_tokens=True)])),
+            "trajectories[0].num_tokens",
+            "expected int, got True",
+        ),
+        (
+            json.dumps(rollout(trajectories=[trajectory(num_tokens=12.0)])),
+            "trajectories[0].num_tokens",
+            "expected int, got 12.0",
+        ),
         (json.dumps(rollout(trajectories=[trajectory(correct=1)])), "trajectories[0].correct", "expected bool, got 1"),
-        (json.dumps(rollout(trajectories=[trajectory(answer=18)])), "trajectories[0].answer",
-         "expected str or null, got 18"),
+        (
+            json.dumps(rollout(trajectories=[trajectory(answer=18)])),
+            "trajectories[0].answer",
+            "expected str or null, got 18",
+        ),
     ],
 )
 def test_malformed_rollout_names_file_line_field(tmp_path, bad_line, field, message):
@@ -108,7 +146,10 @@ def test_pair_kind_values(kind, ok):
 
 def test_message_format():
     error = JsonlError("rollouts.jsonl", 3, "trajectories[1].reward", "float", "high")
-    assert str(error) == "rollouts.jsonl:3: field 'trajectories[1].reward': expected float, got 'high'. Fix or remove this line."
+    assert (
+        str(error)
+        == "rollouts.jsonl:3: field 'trajectories[1].reward': expected float, got 'high'. Fix or remove this line."
+    )
     assert str(JsonlError("a.jsonl", 2, None, reason="Expecting value at column 1")).startswith(
         "a.jsonl:2: not valid JSON (Expecting value at column 1)"
     )

@@ -39,7 +39,8 @@ LEVELS: list[dict[str, list[str]]] = [
     },
     {"losses": ["losses"]},
     {"models": ["models"]},
-    # The bandit allocates sampling settings (models.generation) to arms; the policy module and the rollout callback use it.
+    # The bandit allocates sampling settings (models.generation) to arms; the policy module and the rollout callback
+    # use it.
     {"data": ["data"], "bandit": ["bandit"]},
     {"modules": ["modules"], "callbacks": ["callbacks"]},
     {"commands": ["compare", "report", "pipeline", "cli"]},

@@ -84,20 +84,41 @@ HAND = [
     # sigmoid + 1 * (-pc / nc) = 0.3132617 + 0.5
     ("rpo", {"preference": DPO_LOSSES.get("sigmoid")(beta=0.5), "alpha": 1.0}, one_pair, [0.8132617]),
     # 1 * sigmoid + 0.5 * sft = 0.3132617 + 0.5 * 0.5
-    ("weighted", {"losses": [DPO_LOSSES.get("sigmoid")(beta=0.5), "sft"], "weights": [1.0, 0.5]}, one_pair,
-     [0.5632617]),
+    (
+        "weighted",
+        {"losses": [DPO_LOSSES.get("sigmoid")(beta=0.5), "sft"], "weights": [1.0, 0.5]},
+        one_pair,
+        [0.5632617],
+    ),
 ]
 
 
 def test_the_catalogue_is_complete():
-    trl = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-           "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+    trl = {
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    }
     ours = {"simpo", "cdpo", "ipo_norm", "rpo", "orpo", "weighted"}
     assert set(DPO_LOSSES.names()) == trl | ours
     assert {name for name, *_ in HAND} == trl | ours  # every loss has a hand-worked point
 
 
-@pytest.mark.parametrize(("name", "settings", "inputs", "expected"), HAND, ids=[f"{h[0]}-{i}" for i, h in enumerate(HAND)])
+@pytest.mark.parametrize(
+    ("name", "settings", "inputs", "expected"), HAND, ids=[f"{h[0]}-{i}" for i, h in enumerate(HAND)]
+)
 def test_each_loss_at_a_hand_computed_point(name, settings, inputs, expected):
     output = DPO_LOSSES.get(name)(**settings)(inputs())
     assert_close(output.losses, t(expected), atol=1e-6, rtol=0)
@@ -109,7 +130,9 @@ def test_hand_values_behind_the_table():
     assert softplus(-0.5) == pytest.approx(0.4740770) and softplus(0.5) == pytest.approx(0.9740770)
     assert softplus(-0.25) + softplus(0.25) == pytest.approx(1.4018788)
     q = sigmoid(1.0)
-    assert q * (math.log(q) - math.log(0.999)) + (1 - q) * (math.log(1 - q) - math.log(1e-3)) == pytest.approx(1.2763098)
+    assert q * (math.log(q) - math.log(0.999)) + (1 - q) * (math.log(1 - q) - math.log(1e-3)) == pytest.approx(
+        1.2763098
+    )
     log_odds = 0.25 - (math.log1p(-math.exp(-0.5)) - math.log1p(-math.exp(-0.75)))
     assert log_odds == pytest.approx(0.5433987) and 0.5 + 0.5 * softplus(-log_odds) == pytest.approx(0.7289564)
 

@@ -40,9 +40,26 @@ def short_config(run_dir: Path) -> PipelineConfig:
 @pytest.mark.slow
 def test_a_killed_pipeline_resumes_without_redoing_finished_phases(tmp_path):
     config = short_config(tmp_path)
-    command = [sys.executable, "-m", "abel_lightning.cli", "pipeline", "--run_dir", str(tmp_path),
-               "--ppo", config.ppo, "--rollouts", config.rollouts, "--dpo", config.dpo, "--eval", config.eval,
-               "--toy_data", json.dumps(config.toy_data), "--extra_args", json.dumps(config.extra_args)]
+    command = [
+        sys.executable,
+        "-m",
+        "abel_lightning.cli",
+        "pipeline",
+        "--run_dir",
+        str(tmp_path),
+        "--ppo",
+        config.ppo,
+        "--rollouts",
+        config.rollouts,
+        "--dpo",
+        config.dpo,
+        "--eval",
+        config.eval,
+        "--toy_data",
+        json.dumps(config.toy_data),
+        "--extra_args",
+        json.dumps(config.extra_args),
+    ]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     state = tmp_path / "state.json"
     deadline = time.time() + 300
@@ -59,7 +76,14 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_phases(tmp_path):
         assert f"pipeline: {phase} is complete, skipping it" in second.stderr
     assert (tmp_path / "data/rollouts.jsonl").read_text() == rollouts
     assert json.loads(state.read_text())["finished"] == [
-        "ppo", "rollouts", "preferences", "dpo", "eval_base", "eval_ppo", "eval_dpo"]
+        "ppo",
+        "rollouts",
+        "preferences",
+        "dpo",
+        "eval_base",
+        "eval_ppo",
+        "eval_dpo",
+    ]
     report = (tmp_path / "report.md").read_text()
     for model in ("base", "ppo_lora", "dpo_lora"):
         assert f"| {model} |" in report

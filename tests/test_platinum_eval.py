@@ -9,13 +9,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from policy_phase_script import TinyTrainingModule, eval_parts, rollout_parts, trainer
 
 from abel_lightning.callbacks.platinum_eval import PlatinumEval
 from abel_lightning.callbacks.regime_w import RegimeWCollector
 from abel_lightning.data.gsm8k import GSM8KDataModule, load_questions
 from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from abel_lightning.schemas import EVAL, ROLLOUT
-from policy_phase_script import TinyTrainingModule, eval_parts, rollout_parts, trainer
 
 SCRIPT = Path(__file__).with_name("policy_phase_script.py")
 N = 6
@@ -28,9 +28,15 @@ def questions(shared_data: Path) -> list[dict]:
 def seed_correct_answers(path: Path, questions: list[dict]) -> None:
     """An earlier run's records, all correct, so that the accuracy is not trivially 0 for a random model."""
     records = [
-        {"question_id": q["question_id"], "question": q["question"], "gold_answer": q["gold_answer"],
-         "completion": f"The answer is {q['gold_answer']}", "answer": q["gold_answer"], "correct": True,
-         "num_tokens": 5}
+        {
+            "question_id": q["question_id"],
+            "question": q["question"],
+            "gold_answer": q["gold_answer"],
+            "completion": f"The answer is {q['gold_answer']}",
+            "answer": q["gold_answer"],
+            "correct": True,
+            "num_tokens": 5,
+        }
         for q in questions
     ]
     write_jsonl_atomic(path, records, EVAL)
@@ -105,9 +111,22 @@ def test_two_ddp_ranks_write_and_score_what_one_process_does(tiny_model, shared_
     write_jsonl_atomic(resumed / "base_platinum_eval.jsonl", kept, EVAL)
 
     command = [
-        sys.executable, str(SCRIPT), "--model", tiny_model, "--data", data, "--n-samples", str(N), "--devices", "2",
-        "--phases", "predict,test", "--rollouts", str(two / "rollouts.jsonl"),
-        "--eval-dirs", f"{two},{resumed}",
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--n-samples",
+        str(N),
+        "--devices",
+        "2",
+        "--phases",
+        "predict,test",
+        "--rollouts",
+        str(two / "rollouts.jsonl"),
+        "--eval-dirs",
+        f"{two},{resumed}",
     ]
     ddp = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
@@ -130,7 +149,12 @@ def test_every_n_steps_inside_fit(tiny_model, shared_data, tmp_path):
     data = str(shared_data / "gsm8k/train.jsonl")
     datamodule = GSM8KDataModule(dataset=data, split="train", n_samples=4, batch_size=2)
     evaluation = PlatinumEval(
-        output_dir=str(tmp_path), every_n_steps=1, dataset=data, split="train", n_samples=3, batch_size=2,
+        output_dir=str(tmp_path),
+        every_n_steps=1,
+        dataset=data,
+        split="train",
+        n_samples=3,
+        batch_size=2,
         max_new_tokens=8,
     )
     run = trainer([evaluation], max_steps=2, log_every_n_steps=1)
@@ -139,5 +163,6 @@ def test_every_n_steps_inside_fit(tiny_model, shared_data, tmp_path):
     for step in (1, 2):
         records = read_jsonl(tmp_path / f"tinytraining_step{step}_platinum_eval.jsonl", EVAL)
         assert len(records) == 3
-    assert run.callback_metrics["val/platinum_accuracy"].item() == pytest.approx(mean_correct(
-        tmp_path / "tinytraining_step2_platinum_eval.jsonl"))
+    assert run.callback_metrics["val/platinum_accuracy"].item() == pytest.approx(
+        mean_correct(tmp_path / "tinytraining_step2_platinum_eval.jsonl")
+    )

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from abel_lightning.cli import main
-from abel_lightning.rewards import REWARDS, register_reward
+from abel_lightning.rewards import register_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,17 +41,28 @@ def rank(completion: str, gold: str) -> float:
 def ppo_args(tiny_model: str, shared_data: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "fit",
-        "--config", str(ROOT / "configs/tiny/ppo.yaml"),
-        "--model.init_args.model", tiny_model,
-        "--model.init_args.sampling.max_new_tokens", "8",
-        "--data.init_args.dataset", str(shared_data / "gsm8k/train.jsonl"),
-        "--data.init_args.n_samples", "16",
-        "--data.init_args.batch_size", "2",
-        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "adapter"),
-        "--trainer.callbacks.init_args.save_every", "2",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
+        "--config",
+        str(ROOT / "configs/tiny/ppo.yaml"),
+        "--model.init_args.model",
+        tiny_model,
+        "--model.init_args.sampling.max_new_tokens",
+        "8",
+        "--data.init_args.dataset",
+        str(shared_data / "gsm8k/train.jsonl"),
+        "--data.init_args.n_samples",
+        "16",
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.callbacks.init_args.dirpath",
+        str(tmp_path / "adapter"),
+        "--trainer.callbacks.init_args.save_every",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
         *extra,
     ]
 
@@ -88,14 +99,39 @@ class SeenQuestions(Callback):
 def test_fit_writes_a_peft_adapter_that_loads_and_resumes_at_the_right_step(tiny_model, shared_data, tmp_path):
     # 8 questions / batch 2 = 4 PPO iterations an epoch; the job dies after iteration 2, just saved.
     seen = tmp_path / "seen.txt"
-    common = ["--data.init_args.n_samples", "8", "--model.init_args.advantage", "gae",
-              "--model.init_args.target_kl", "null", "--model.init_args.reward", "test_digits",
-              "--trainer.callbacks+=test_ppo_module.SeenQuestions", "--trainer.callbacks.init_args.path", str(seen)]
+    common = [
+        "--data.init_args.n_samples",
+        "8",
+        "--model.init_args.advantage",
+        "gae",
+        "--model.init_args.target_kl",
+        "null",
+        "--model.init_args.reward",
+        "test_digits",
+        "--trainer.callbacks+=test_ppo_module.SeenQuestions",
+        "--trainer.callbacks.init_args.path",
+        str(seen),
+    ]
     with pytest.raises(RuntimeError, match="killed"):
-        main(ppo_args(tiny_model, shared_data, tmp_path, *common,
-                      "--trainer.callbacks+=test_ppo_module.KillAfter", "--trainer.callbacks.init_args.batches", "2"))
+        main(
+            ppo_args(
+                tiny_model,
+                shared_data,
+                tmp_path,
+                *common,
+                "--trainer.callbacks+=test_ppo_module.KillAfter",
+                "--trainer.callbacks.init_args.batches",
+                "2",
+            )
+        )
     adapter = tmp_path / "adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "value_head.safetensors", "last.ckpt"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "value_head.safetensors",
+        "last.ckpt",
+    ):
         assert (adapter / name).exists(), name
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -114,10 +150,25 @@ def test_fit_writes_a_peft_adapter_that_loads_and_resumes_at_the_right_step(tiny
 
 
 def test_tiny_target_kl_stops_after_the_first_minibatch(tiny_model, shared_data, tmp_path):
-    main(ppo_args(tiny_model, shared_data, tmp_path, "--model.init_args.target_kl", "1e-12",
-                  "--model.init_args.reward", "test_digits",
-                  "--model.init_args.minibatch_size", "2", "--model.init_args.ppo_epochs", "4",
-                  "--model.init_args.learning_rate", "0.01", "--trainer.limit_train_batches", "2"))
+    main(
+        ppo_args(
+            tiny_model,
+            shared_data,
+            tmp_path,
+            "--model.init_args.target_kl",
+            "1e-12",
+            "--model.init_args.reward",
+            "test_digits",
+            "--model.init_args.minibatch_size",
+            "2",
+            "--model.init_args.ppo_epochs",
+            "4",
+            "--model.init_args.learning_rate",
+            "0.01",
+            "--trainer.limit_train_batches",
+            "2",
+        )
+    )
     rows = metrics(tmp_path)
     # Without the stop: 4 epochs x (8 rows / 2) = 16 steps an iteration.
     assert [float(r["update_steps"]) for r in rows] == [1.0, 1.0]
@@ -134,18 +185,36 @@ def test_ppo_beats_the_base_on_held_out_toy_problems(tmp_path):
 
     write_toy_dataset(tmp_path / "toy", n_train=2000, n_test=200, seed=0)
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    main([
-        "fit", "--config", str(ROOT / "configs/tiny/ppo.yaml"), "--data.init_args.dataset", str(tmp_path / "toy"),
-        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ppo_lora"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *quiet,
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny/ppo.yaml"),
+            "--data.init_args.dataset",
+            str(tmp_path / "toy"),
+            "--trainer.callbacks.init_args.dirpath",
+            str(tmp_path / "ppo_lora"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            *quiet,
+        ]
+    )
     accuracy = {}
     for adapter in ("null", str(tmp_path / "ppo_lora")):
-        main([
-            "test", "--config", str(ROOT / "configs/tiny/eval.yaml"), "--data.init_args.dataset", str(tmp_path / "toy"),
-            "--model.init_args.adapter", adapter, "--trainer.callbacks.init_args.output_dir", str(tmp_path / "eval"),
-            *quiet,
-        ])
+        main(
+            [
+                "test",
+                "--config",
+                str(ROOT / "configs/tiny/eval.yaml"),
+                "--data.init_args.dataset",
+                str(tmp_path / "toy"),
+                "--model.init_args.adapter",
+                adapter,
+                "--trainer.callbacks.init_args.output_dir",
+                str(tmp_path / "eval"),
+                *quiet,
+            ]
+        )
     for path in (tmp_path / "eval").glob("*_platinum_eval.jsonl"):
         records = read_jsonl(path)
         assert len(records) == 200
@@ -153,12 +222,25 @@ def test_ppo_beats_the_base_on_held_out_toy_problems(tmp_path):
     assert accuracy["ppo_lora"] >= accuracy["base"] + 0.20, accuracy
 
 
-def test_sampling_from_the_merged_copy_trains_the_adapter_that_sampling_from_the_policy_does(tiny_model, shared_data,
-                                                                                            tmp_path):
+def test_sampling_from_the_merged_copy_trains_the_adapter_that_sampling_from_the_policy_does(
+    tiny_model, shared_data, tmp_path
+):
     for merged in ("true", "false"):
-        main(ppo_args(tiny_model, shared_data, tmp_path / merged, "--model.init_args.sample_merged", merged,
-                      "--model.init_args.reward", "test_digits", "--model.init_args.learning_rate", "0.01",
-                      "--trainer.limit_train_batches", "3"))
+        main(
+            ppo_args(
+                tiny_model,
+                shared_data,
+                tmp_path / merged,
+                "--model.init_args.sample_merged",
+                merged,
+                "--model.init_args.reward",
+                "test_digits",
+                "--model.init_args.learning_rate",
+                "0.01",
+                "--trainer.limit_train_batches",
+                "3",
+            )
+        )
     fast, plain = (load_file(tmp_path / merged / "adapter/adapter_model.safetensors") for merged in ("true", "false"))
     assert fast.keys() == plain.keys() and any(v.abs().max() > 0 for k, v in fast.items() if "lora_B" in k)
     for key in fast:
@@ -168,8 +250,19 @@ def test_sampling_from_the_merged_copy_trains_the_adapter_that_sampling_from_the
 @pytest.mark.slow
 def test_two_ranks_log_statistics_over_both_not_rank_zeros(tiny_model, shared_data, tmp_path):
     # Rank 0 scores every completion 0 and rank 1 scores it 1: the logged mean reward and accuracy are 0.5.
-    args = ppo_args(tiny_model, shared_data, tmp_path, "--model.init_args.reward", "test_rank",
-                    "--data.init_args.n_samples", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    args = ppo_args(
+        tiny_model,
+        shared_data,
+        tmp_path,
+        "--model.init_args.reward",
+        "test_rank",
+        "--data.init_args.n_samples",
+        "8",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]

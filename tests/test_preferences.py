@@ -9,13 +9,28 @@ from abel_lightning.schemas import PAIR
 
 
 def trajectory(text, correct, reward):
-    return {"full_text": text, "answer": "18" if correct else "20", "num_tokens": 50, "reward": reward,
-            "correct": correct, "arm": 0}
+    return {
+        "full_text": text,
+        "answer": "18" if correct else "20",
+        "num_tokens": 50,
+        "reward": reward,
+        "correct": correct,
+        "arm": 0,
+    }
 
 
 def rollout(question_id, trajectories):
-    return {"question_id": question_id, "question": f"question {question_id}", "prompt": f"Question:\n{question_id}\n",
-            "gold_answer": "18", "s_end": 0.5, "s_path": 1.0, "s_cf": 1.0, "s_wm": 0.75, "trajectories": trajectories}
+    return {
+        "question_id": question_id,
+        "question": f"question {question_id}",
+        "prompt": f"Question:\n{question_id}\n",
+        "gold_answer": "18",
+        "s_end": 0.5,
+        "s_path": 1.0,
+        "s_cf": 1.0,
+        "s_wm": 0.75,
+        "trajectories": trajectories,
+    }
 
 
 # k = 4. Worked by hand:
@@ -25,14 +40,42 @@ def rollout(question_id, trajectories):
 #   test/3: X twice correct, Z correct, X wrong: (X, X) never pairs, so 1 correctness pair (Z, X);
 #           coherence X (1.05) vs the lowest correct with another text, Z (1.00), gap 0.05 -> 1
 ROLLOUTS = [
-    rollout("test/0", [trajectory("A", True, 1.08), trajectory("B", True, 1.06),
-                       trajectory("C", False, 0.05), trajectory("D", False, 0.04)]),
-    rollout("test/1", [trajectory("E", True, 1.10), trajectory("F", True, 1.05),
-                       trajectory("G", True, 1.10), trajectory("H", True, 1.02)]),
-    rollout("test/2", [trajectory("I", False, 0.06), trajectory("J", False, 0.05),
-                       trajectory("K", False, 0.04), trajectory("L", False, 0.03)]),
-    rollout("test/3", [trajectory("X", True, 1.05), trajectory("X", True, 1.05),
-                       trajectory("Z", True, 1.00), trajectory("X", False, 0.03)]),
+    rollout(
+        "test/0",
+        [
+            trajectory("A", True, 1.08),
+            trajectory("B", True, 1.06),
+            trajectory("C", False, 0.05),
+            trajectory("D", False, 0.04),
+        ],
+    ),
+    rollout(
+        "test/1",
+        [
+            trajectory("E", True, 1.10),
+            trajectory("F", True, 1.05),
+            trajectory("G", True, 1.10),
+            trajectory("H", True, 1.02),
+        ],
+    ),
+    rollout(
+        "test/2",
+        [
+            trajectory("I", False, 0.06),
+            trajectory("J", False, 0.05),
+            trajectory("K", False, 0.04),
+            trajectory("L", False, 0.03),
+        ],
+    ),
+    rollout(
+        "test/3",
+        [
+            trajectory("X", True, 1.05),
+            trajectory("X", True, 1.05),
+            trajectory("Z", True, 1.00),
+            trajectory("X", False, 0.03),
+        ],
+    ),
 ]
 
 
@@ -62,8 +105,20 @@ def test_identical_correct_texts_give_no_coherence_pair():
 def test_gap_equal_to_threshold_is_dropped(threshold, kept):
     record = rollout("q", [trajectory("long", True, 1.0), trajectory("short", True, 1.25)])
     pairs = build_pairs([record], threshold=threshold)
-    assert pairs == ([{"question_id": "q", "prompt": record["prompt"], "chosen": "short", "rejected": "long",
-                       "kind": "coherence", "reward_gap": 0.25}] if kept else [])
+    assert pairs == (
+        [
+            {
+                "question_id": "q",
+                "prompt": record["prompt"],
+                "chosen": "short",
+                "rejected": "long",
+                "kind": "coherence",
+                "reward_gap": 0.25,
+            }
+        ]
+        if kept
+        else []
+    )
 
 
 def write_rollouts(path, records):

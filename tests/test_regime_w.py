@@ -45,7 +45,9 @@ def test_score_group_uses_the_config():
     assert scores == group_scores(TEXTS, ANSWERS, TOKENS)
     assert rewards == trajectory_rewards(CORRECT, ANSWERS, TOKENS, scores)
 
-    config = RegimeWConfig(s_cf="loo", weights=[1.0, 0.0, 0.0], beta_coherence=0.0, beta_agreement=0.0, alpha_length=0.0)
+    config = RegimeWConfig(
+        s_cf="loo", weights=[1.0, 0.0, 0.0], beta_coherence=0.0, beta_agreement=0.0, alpha_length=0.0
+    )
     scores, rewards = score_group(TEXTS, ANSWERS, TOKENS, CORRECT, config)
     assert config.weights == (1.0, 0.0, 0.0)
     assert scores.s_cf == 0.5 and scores.s_wm == 0.5

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from policy_phase_script import K, TinyTrainingModule, rollout_parts, trainer
 
 from abel_lightning.answers import extract_answer, is_correct
 from abel_lightning.callbacks.regime_w import RegimeWCollector
@@ -18,7 +19,6 @@ from abel_lightning.callbacks.resumable_jsonl import ResumableJsonl, source_row
 from abel_lightning.data.gsm8k import GSM8KDataModule, load_questions
 from abel_lightning.jsonl import read_jsonl
 from abel_lightning.schemas import ROLLOUT
-from policy_phase_script import K, TinyTrainingModule, rollout_parts, trainer
 
 SCRIPT = Path(__file__).with_name("policy_phase_script.py")
 N = 6
@@ -65,8 +65,15 @@ def test_resumable_jsonl_merges_parts_deduplicated_in_source_order(tmp_path):
     path = tmp_path / "out.jsonl"
 
     def record(row: int, text: str = "x") -> dict:
-        return {"question_id": f"train/{row}", "question": "q", "gold_answer": "1", "completion": text,
-                "answer": None, "correct": False, "num_tokens": 1}
+        return {
+            "question_id": f"train/{row}",
+            "question": "q",
+            "gold_answer": "1",
+            "completion": text,
+            "answer": None,
+            "correct": False,
+            "num_tokens": 1,
+        }
 
     path.write_text(json.dumps(record(30)) + "\n")
     # Parts from an earlier run on 3 ranks, one cut off mid-line, one repeating a question already in P.
@@ -90,8 +97,18 @@ def test_killed_rollouts_resume_without_loss_or_repeat(tiny_model, shared_data, 
     output = tmp_path / "rollouts.jsonl"
     part = tmp_path / "rollouts.jsonl.part0"
     command = [
-        sys.executable, str(SCRIPT), "--model", tiny_model, "--data", str(shared_data / "gsm8k/train.jsonl"),
-        "--n-samples", str(N), "--rollouts", str(output), "--pause-after-first-batch", "120",
+        sys.executable,
+        str(SCRIPT),
+        "--model",
+        tiny_model,
+        "--data",
+        str(shared_data / "gsm8k/train.jsonl"),
+        "--n-samples",
+        str(N),
+        "--rollouts",
+        str(output),
+        "--pause-after-first-batch",
+        "120",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

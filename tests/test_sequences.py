@@ -39,7 +39,9 @@ def test_packed_forward_matches_the_padded_one_with_gradients(preset, monkeypatc
     for field in ("logprobs", "entropy", "hidden"):
         torch.testing.assert_close(getattr(packed, field), getattr(padded, field), rtol=1e-5, atol=1e-5)
     assert packed.logprobs.shape == batch.response_mask.shape
-    assert (packed.logprobs[batch.response_mask == 0] == 0).all() and (packed.logprobs[batch.response_mask == 1] < 0).all()
+    assert (packed.logprobs[batch.response_mask == 0] == 0).all() and (
+        packed.logprobs[batch.response_mask == 1] < 0
+    ).all()
     assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 0
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6)

@@ -23,7 +23,7 @@ def test_answers_follow_their_annotations():
         assert 1 <= len(steps) <= 3
         values = []
         for line in steps:
-            (a, op, b, result, shown), = ANNOTATION.findall(line)
+            ((a, op, b, result, shown),) = ANNOTATION.findall(line)
             assert ops[op](int(a), int(b)) == int(result) == int(shown)
             assert 0 <= int(result) < 200
             values.append(int(result))

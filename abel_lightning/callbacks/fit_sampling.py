@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import lightning as L
 
 from abel_lightning.data.gsm8k import shard_questions
-from abel_lightning.models.generation import Answered, SamplingSettings, generate
 from abel_lightning.distributed import weights_sharded
+from abel_lightning.models.generation import Answered, SamplingSettings, generate
 
 
 def answer_with_policy(
@@ -36,8 +36,14 @@ def answer_with_policy(
     try:
         for start in range(0, len(share), batch_size):
             chunk = share[start : start + batch_size]
-            groups = generate(policy, pl_module.tokenizer, [q["prompt"] for q in chunk], sampling, samples_per_question,
-                              synced_gpus=sharded)
+            groups = generate(
+                policy,
+                pl_module.tokenizer,
+                [q["prompt"] for q in chunk],
+                sampling,
+                samples_per_question,
+                synced_gpus=sharded,
+            )
             k = samples_per_question
             yield [Answered(q, g, [0] * k, ["default"] * k, [sampling.temperature] * k) for q, g in zip(chunk, groups)]
     finally:

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 
 from abel_lightning.callbacks.fit_sampling import answer_with_policy
-from abel_lightning.compat import show_on_progress_bar
 from abel_lightning.callbacks.resumable_jsonl import ResumableJsonl
+from abel_lightning.compat import show_on_progress_bar
 from abel_lightning.data.gsm8k import FILLER_ID
 from abel_lightning.models.generation import Answered, SamplingSettings
 from abel_lightning.schemas import Schema

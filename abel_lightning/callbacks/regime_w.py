@@ -46,8 +46,16 @@ def rollout_record(answered: Answered, config: RegimeWConfig) -> dict:
         "s_cf": scores.s_cf,
         "s_wm": scores.s_wm,
         "trajectories": [
-            {"full_text": text, "answer": answer, "num_tokens": tokens, "reward": reward, "correct": right, "arm": arm,
-             "arm_name": name, "temperature": temperature}
+            {
+                "full_text": text,
+                "answer": answer,
+                "num_tokens": tokens,
+                "reward": reward,
+                "correct": right,
+                "arm": arm,
+                "arm_name": name,
+                "temperature": temperature,
+            }
             for text, answer, tokens, reward, right, arm, name, temperature in zip(
                 texts, answers, num_tokens, rewards, correct, answered.arms, answered.arm_names, answered.temperatures
             )
@@ -111,8 +119,15 @@ class RegimeWCollector(ResumableRecorder):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.after_fit:
-            self.record_from_policy(trainer, pl_module, Path(self.output), trainer.datamodule.questions,
-                                    pl_module.sampling, self.samples_per_question, self.batch_size)
+            self.record_from_policy(
+                trainer,
+                pl_module,
+                Path(self.output),
+                trainer.datamodule.questions,
+                pl_module.sampling,
+                self.samples_per_question,
+                self.batch_size,
+            )
 
     def summarize(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: list[dict] | None, run: dict) -> None:
         if merged is None:
@@ -138,8 +153,15 @@ class RegimeWCollector(ResumableRecorder):
             arms.add_column(column, justify="left" if column == "arm" else "right")
         for row in stats:
             temperature = "" if row["temperature"] is None else f"{row['temperature']:g}"
-            arms.add_row(f"{row['arm']} {row['name']}", temperature, str(row["samples"]), f"{row['accuracy']:.4f}",
-                         f"{row['mean_reward']:.4f}", f"{row['mean_tokens']:.1f}", f"{row['majority_share']:.4f}")
+            arms.add_row(
+                f"{row['arm']} {row['name']}",
+                temperature,
+                str(row["samples"]),
+                f"{row['accuracy']:.4f}",
+                f"{row['mean_reward']:.4f}",
+                f"{row['mean_tokens']:.1f}",
+                f"{row['majority_share']:.4f}",
+            )
         Console().print(arms)
         plot_arm_statistics(stats, self.arms_plot)
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from abel_lightning.answers import extract_gold
 from abel_lightning.data.train_order import TrainLoader
-from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
 from abel_lightning.distributed import weights_sharded
+from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
 from abel_lightning.prompts import format_prompt
 
 SOURCE_ROW = {"question": str, "answer": str}
@@ -44,7 +44,9 @@ def load_questions(
         try:
             gold = extract_gold(row["answer"])
         except ValueError as error:
-            raise JsonlError(where[0], where[1], "answer", f"a solution ending in '#### N' ({error})", row["answer"][-40:]) from None
+            raise JsonlError(
+                where[0], where[1], "answer", f"a solution ending in '#### N' ({error})", row["answer"][-40:]
+            ) from None
         questions.append(
             {
                 "question_id": f"{split}/{row_index}",
@@ -75,7 +77,9 @@ def _read_rows(dataset: str, split: str, hub_config: str):
     try:
         from datasets import load_dataset
     except ImportError as error:
-        raise ImportError(f"loading {dataset} from the hub needs the `datasets` package: pip install datasets") from error
+        raise ImportError(
+            f"loading {dataset} from the hub needs the `datasets` package: pip install datasets"
+        ) from error
     for index, row in enumerate(load_dataset(dataset, hub_config, split=split)):
         yield row, (f"{dataset}[{split}]", index + 1)
 
@@ -151,8 +155,14 @@ class GSM8KDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return TrainLoader(self._pending(), self.trainer, hp.batch_size, hp.seed, collate_fn=collate_questions,
-                           num_workers=hp.num_workers)
+        return TrainLoader(
+            self._pending(),
+            self.trainer,
+            hp.batch_size,
+            hp.seed,
+            collate_fn=collate_questions,
+            num_workers=hp.num_workers,
+        )
 
     def _ordered_dataloader(self) -> DataLoader:
         pending = self._pending()

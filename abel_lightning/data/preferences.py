@@ -188,14 +188,22 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # TrainLoader: 2 devices x 1 pair train exactly like 1 device x 2 pairs, and a resume goes on from its place.
         hp = self.hparams
-        return TrainLoader(self.train_pairs, self.trainer, hp.batch_size, hp.seed, collate_fn=self._collate(),
-                           num_workers=hp.num_workers)
+        return TrainLoader(
+            self.train_pairs,
+            self.trainer,
+            hp.batch_size,
+            hp.seed,
+            collate_fn=self._collate(),
+            num_workers=hp.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_pairs:
             return []
         hp = self.hparams
-        return DataLoader(self.val_pairs, batch_size=hp.batch_size, collate_fn=self._collate(), num_workers=hp.num_workers)
+        return DataLoader(
+            self.val_pairs, batch_size=hp.batch_size, collate_fn=self._collate(), num_workers=hp.num_workers
+        )
 
     def _collate(self) -> partial:
         # A partial, not a bound method: worker processes then need not pickle the datamodule and its trainer.

@@ -12,8 +12,8 @@ Every intermediate and final result is a non-negative integer below 200.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from abel_lightning.jsonl import write_jsonl_atomic
 

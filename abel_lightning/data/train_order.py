@@ -67,4 +67,6 @@ class TrainLoader(DataLoader):
 
 
 def _describe(layout: dict) -> str:
-    return f"{layout['world_size']} device(s), batch_size {layout['batch_size']}, {layout['examples']} training examples"
+    return (
+        f"{layout['world_size']} device(s), batch_size {layout['batch_size']}, {layout['examples']} training examples"
+    )

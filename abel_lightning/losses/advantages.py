@@ -168,9 +168,9 @@ class ReinforcePlusPlus(AdvantageEstimator):
 @ADVANTAGE_ESTIMATORS.register("reinforce++-baseline")
 class ReinforcePlusPlusBaseline(AdvantageEstimator):
     """REINFORCE++-baseline (Hu 2025): each score minus its group's mean score, ``score_i - mean(score_group)``, then
-    as :class:`ReinforcePlusPlus` with ``gamma = 1``: token rewards with the KL penalty (when in the reward), reward-to-go,
-    whitened over the batch. The group mean removes the question's difficulty, the batch whitening sets the scale
-    (no division by a group's std)."""
+    as :class:`ReinforcePlusPlus` with ``gamma = 1``: token rewards with the KL penalty (when in the reward),
+    reward-to-go, whitened over the batch. The group mean removes the question's difficulty, the batch whitening sets
+    the scale (no division by a group's std)."""
 
     kl_in = "loss"
 

@@ -114,8 +114,9 @@ class DPOLoss:
     def __call__(self, x: PairLogps) -> DPOOutput:
         losses = self.pair_losses(x)
         chosen, rejected = self.rewards(x)
-        return DPOOutput(loss=losses.mean(), chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach(),
-                         losses=losses)
+        return DPOOutput(
+            loss=losses.mean(), chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach(), losses=losses
+        )
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -138,7 +139,9 @@ class SigmoidLoss(DPOLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"sigmoid DPO needs 0 <= label_smoothing < 0.5 (the label flip rate), got {label_smoothing}")
+            raise ValueError(
+                f"sigmoid DPO needs 0 <= label_smoothing < 0.5 (the label flip rate), got {label_smoothing}"
+            )
         super().__init__(beta)
         self.label_smoothing = label_smoothing
 
@@ -164,7 +167,9 @@ class RobustLoss(DPOLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5 (the label flip rate), got {label_smoothing}")
+            raise ValueError(
+                f"robust DPO needs 0 <= label_smoothing < 0.5 (the label flip rate), got {label_smoothing}"
+            )
         super().__init__(beta)
         self.label_smoothing = label_smoothing
 
@@ -206,7 +211,9 @@ class LengthNormalizedSigmoidLoss(DPOLoss):
     """DPO on per-token log-ratios (TRL's ``sigmoid_norm``): ``-log sigmoid(beta (c / nc - r / nr))``."""
 
     def pair_losses(self, x: PairLogps) -> Tensor:
-        return -F.logsigmoid(self.beta * (x.chosen_log_ratio / x.chosen_tokens - x.rejected_log_ratio / x.rejected_tokens))
+        return -F.logsigmoid(
+            self.beta * (x.chosen_log_ratio / x.chosen_tokens - x.rejected_log_ratio / x.rejected_tokens)
+        )
 
 
 @DPO_LOSSES.register("exo_pair")
@@ -217,7 +224,9 @@ class EXOLoss(DPOLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3):
         if not 0.0 < label_smoothing < 1.0:
-            raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (log eps appears in the loss), got {label_smoothing}")
+            raise ValueError(
+                f"exo_pair needs 0 < label_smoothing < 1 (log eps appears in the loss), got {label_smoothing}"
+            )
         super().__init__(beta)
         self.label_smoothing = label_smoothing
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 import functools
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -299,8 +299,11 @@ class DecodeEngine:
         device = input_ids.device
         prompts, width = input_ids.shape
         rows = prompts * num_samples
-        per_row = [s for s in ([settings] * prompts if not isinstance(settings, Sequence) else settings)
-                   for _ in range(num_samples)]
+        per_row = [
+            s
+            for s in ([settings] * prompts if not isinstance(settings, Sequence) else settings)
+            for _ in range(num_samples)
+        ]
         max_new_tokens = max(s.max_new_tokens for s in per_row)
         stop_lists = list(dict.fromkeys(tuple(s.stop_strings) for s in per_row if s.stop_strings))
         stops = tuple(self._stop_criterion(tokenizer, list(strings), device) for strings in stop_lists)
@@ -312,8 +315,9 @@ class DecodeEngine:
                 workspace = self._prepare(model, rows, width + max_new_tokens, graphs)
                 greedy = [s.greedy for s in per_row]
                 nucleus = any(s.top_p < 1 and not s.greedy for s in per_row)
-                mode = _Mode(all(greedy), any(greedy) and not all(greedy), nucleus, tuple(eos_token_ids),
-                             pad_token_id, stops)
+                mode = _Mode(
+                    all(greedy), any(greedy) and not all(greedy), nucleus, tuple(eos_token_ids), pad_token_id, stops
+                )
                 # Buffers a graph reads are made before any capture, so that none lives in a graph's pool.
                 workspace.eos_ids(mode.eos_ids)
                 for index, stop in enumerate(stops):
@@ -392,8 +396,13 @@ class DecodeEngine:
             attention = body.layers[0].self_attn
             config = model.config
             workspace = self._workspace = _Workspace(
-                len(body.layers), rows, capacity, config.num_key_value_heads, attention.head_dim,
-                body.embed_tokens.weight.dtype, body.embed_tokens.weight.device,
+                len(body.layers),
+                rows,
+                capacity,
+                config.num_key_value_heads,
+                attention.head_dim,
+                body.embed_tokens.weight.dtype,
+                body.embed_tokens.weight.device,
             )
         if graphs:
             signature = _weights_signature(model)

@@ -6,6 +6,7 @@ from torch import nn
 
 from abel_lightning.models.architectures import is_decoder_layer
 
+
 def wrap_decoder_layers_and_lora(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP's auto-wrap policy: one unit per decoder layer, and one per trainable Linear inside it (LoRA's A and B).
 

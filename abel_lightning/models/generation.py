@@ -136,8 +136,13 @@ def _generate_chunk(model, tokenizer, prompts, per_prompt, samples_per_question,
         # model.generate pads with EOS when the tokenizer has no pad token; so does the engine.
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         new_tokens = engine.decode(
-            encoded["input_ids"], encoded["attention_mask"], settings, samples_per_question,
-            eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad_id, tokenizer=tokenizer,
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            settings,
+            samples_per_question,
+            eos_token_ids=[tokenizer.eos_token_id],
+            pad_token_id=pad_id,
+            tokenizer=tokenizer,
             cuda_graphs=lead.cuda_graphs,
         )
     else:

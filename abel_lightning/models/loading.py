@@ -28,7 +28,6 @@ TRAINED_ADAPTER = "default"
 Quantization = Literal["4bit", "8bit"]
 
 
-
 @dataclass
 class LoraSettings:
     """LoRA hyperparameters (Hu et al. 2021). Defaults: r=16, alpha=32 on all attention and MLP projections.
@@ -59,7 +58,7 @@ def resolve_model_path(name: str) -> str:
     """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and local paths through."""
     if not name.startswith(BUILTIN_PREFIX):
         return name
-    folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX):]}-base"
+    folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX) :]}-base"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{name}: no packaged model at {folder}; rebuild it with scripts/pretrain_toy.py")
     return str(folder)

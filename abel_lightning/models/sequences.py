@@ -113,11 +113,17 @@ def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with
     with disable_input_dtype_casting(model, active=torch.is_autocast_enabled(batch.input_ids.device.type)):
         if packed:
             keep = (real.flatten().cumsum(0) - 1).view_as(real)[predicting]  # their indices in the packed row
-            inputs = {"input_ids": batch.input_ids[real][None], "position_ids": batch.position_ids[real][None],
-                      "logits_to_keep": keep}
+            inputs = {
+                "input_ids": batch.input_ids[real][None],
+                "position_ids": batch.position_ids[real][None],
+                "logits_to_keep": keep,
+            }
         else:
-            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                      "position_ids": batch.position_ids}
+            inputs = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids,
+            }
         output = model(**inputs, output_hidden_states=with_hidden, use_cache=False)
     # Each predicting position's logits (and last hidden state), in row-major order.
     logits = (output.logits[0] if packed else output.logits[predicting]).float()
@@ -132,7 +138,9 @@ def response_forward(model, batch: SequenceBatch, temperature: float = 1.0, with
     with torch.no_grad():  # entropy is logged, never optimised: keep its [N, V] intermediates out of autograd
         entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return ForwardOutput(
-        _on_grid(logprobs, responses), _on_grid(entropy, responses), _on_grid(hidden, responses) if with_hidden else None
+        _on_grid(logprobs, responses),
+        _on_grid(entropy, responses),
+        _on_grid(hidden, responses) if with_hidden else None,
     )
 
 

@@ -7,8 +7,8 @@ Nothing here touches the Hugging Face hub. Tests use ``tiny-*`` presets, the CPU
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from abel_lightning.compat import fit_batch_index
 from abel_lightning.data.preferences import PreferenceBatch, PreferenceDataModule
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOLoss, DPOOutput, PairLogps
 from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
-from abel_lightning.compat import fit_batch_index
 from abel_lightning.modules.reference_logprobs import ReferenceLogprobs, hash_files
 from abel_lightning.modules.trainable import LoRATrainingModule
 
@@ -125,7 +125,9 @@ class DPOModule(LoRATrainingModule):
         """Summed log-probs ``[B]`` of the chosen and the rejected responses under the starting policy."""
         if self.reference_mode == "cached":
             if self.reference is None:
-                raise RuntimeError("reference: cached: the reference log-probs are computed in fit; run fit, not validate")
+                raise RuntimeError(
+                    "reference: cached: the reference log-probs are computed in fit; run fit, not validate"
+                )
             return self.reference.lookup(batch.index)
         with torch.no_grad(), self._reference_weights():
             return sequence_logprobs(self.policy, batch.sequences).chunk(2)
@@ -218,11 +220,12 @@ class DPOModule(LoRATrainingModule):
         # Per device, over forward, backward and (every accumulate_grad_batches) the optimizer step. Host time tracks
         # the GPU's: the finiteness check in training_step waits for the GPU once per batch.
         tokens = batch.sequences.attention_mask.sum()
-        self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._batch_started), batch_size=batch.index.numel())
+        self.log(
+            "train/tokens_per_s", tokens / (time.perf_counter() - self._batch_started), batch_size=batch.index.numel()
+        )
 
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (hp.warmup_steps + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
-

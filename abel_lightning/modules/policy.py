@@ -11,10 +11,10 @@ from pathlib import Path
 import lightning as L
 
 from abel_lightning.bandit import ALLOCATIONS, Arm, ArmAllocation
-from abel_lightning.models.generation import Answered, SamplingSettings, generate
-from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
 from abel_lightning.compat import attached_trainer
 from abel_lightning.distributed import weights_sharded
+from abel_lightning.models.generation import Answered, SamplingSettings, generate
+from abel_lightning.models.loading import Quantization, attach_lora, load_base, load_tokenizer
 from abel_lightning.prompts import format_prompt
 
 
@@ -84,18 +84,32 @@ class PolicyModule(L.LightningModule):
         questions = [dict(zip(batch, values)) for values in zip(*batch.values())]
         choices = [self.allocation.allocate(q["question_id"], self.samples_per_question) for q in questions]
         rows = [(q, self.arms[a]) for q, chosen in zip(questions, choices) for a in chosen]
-        prompts = [q["prompt"] if arm.prompt_template is None else format_prompt(q["question"], arm.prompt_template)
-                   for q, arm in rows]
+        prompts = [
+            q["prompt"] if arm.prompt_template is None else format_prompt(q["question"], arm.prompt_template)
+            for q, arm in rows
+        ]
         completions = generate(
-            self.policy, self.tokenizer, prompts, [arm.sampling for _, arm in rows], 1, self.hparams.max_batch_rows,
+            self.policy,
+            self.tokenizer,
+            prompts,
+            [arm.sampling for _, arm in rows],
+            1,
+            self.hparams.max_batch_rows,
             synced_gpus=weights_sharded(attached_trainer(self)),
         )
         k = self.samples_per_question
         answered = []
         for i, (question, chosen) in enumerate(zip(questions, choices)):
             arms = [self.arms[a] for a in chosen]
-            answered.append(Answered(question, [group[0] for group in completions[i * k : (i + 1) * k]], chosen,
-                                     [arm.name for arm in arms], [arm.sampling.temperature for arm in arms]))
+            answered.append(
+                Answered(
+                    question,
+                    [group[0] for group in completions[i * k : (i + 1) * k]],
+                    chosen,
+                    [arm.name for arm in arms],
+                    [arm.sampling.temperature for arm in arms],
+                )
+            )
         return answered
 
     def observe(self, records: list[dict]) -> None:

@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from abel_lightning.compat import attached_trainer, fit_batch_index
+from abel_lightning.distributed import in_wrapped_forward, weights_sharded
 from abel_lightning.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator, AdvantageInputs
 from abel_lightning.losses.kl import KL_ESTIMATORS, KLEstimator
 from abel_lightning.losses.objectives import LOSS_AGGREGATIONS, POLICY_OBJECTIVES, LossAggregation, PolicyObjective
@@ -33,8 +35,6 @@ from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.merged_copy import MergedCopy
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
-from abel_lightning.compat import attached_trainer, fit_batch_index
-from abel_lightning.distributed import in_wrapped_forward, weights_sharded
 from abel_lightning.modules.trainable import LoRATrainingModule
 from abel_lightning.rewards import REWARDS, GroupReward
 
@@ -262,7 +262,7 @@ class PPOModule(LoRATrainingModule):
                 loss, record = in_wrapped_forward(
                     self.trainer,
                     self,
-                    lambda: self.minibatch_loss(
+                    lambda rows_mb=rows_mb: self.minibatch_loss(
                         rollout, rows_mb, old_logprobs, ref_logprobs, old_values, advantages, returns, loss_kl_coef
                     ),
                 )

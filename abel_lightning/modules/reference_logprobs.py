@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from abel_lightning.data.preferences import EncodedPair, collate_pairs
+from abel_lightning.distributed import in_wrapped_forward, trainer_precision
 from abel_lightning.fingerprints import update_with_file
 from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
 from abel_lightning.models.sequences import SequenceBatch
-from abel_lightning.distributed import in_wrapped_forward, trainer_precision
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,12 @@ class ReferenceLogprobs:
         logps[rows[:, 0].long()] = rows[:, 1:].float()
         if trainer.is_global_zero:
             _write(path, logps)
-            log.info("reference log-probs of %d pairs in %.0f s: saved %s", rows.shape[0], time.perf_counter() - started, path)
+            log.info(
+                "reference log-probs of %d pairs in %.0f s: saved %s",
+                rows.shape[0],
+                time.perf_counter() - started,
+                path,
+            )
         return cls(logps, path)
 
     @staticmethod

@@ -13,7 +13,14 @@ import torch
 
 from abel_lightning.compat import unwrapped_name
 from abel_lightning.distributed import clip_gradients, weights_sharded
-from abel_lightning.models.loading import LoraSettings, Quantization, attach_lora, load_base, load_tokenizer, save_adapter
+from abel_lightning.models.loading import (
+    LoraSettings,
+    Quantization,
+    attach_lora,
+    load_base,
+    load_tokenizer,
+    save_adapter,
+)
 
 POLICY_PREFIX = "policy."
 
@@ -54,7 +61,9 @@ class LoRATrainingModule(L.LightningModule):
             return
         hp = self.hparams
         base = load_base(hp.model, hp.dtype, hp.quantization, device=self.trainer.strategy.root_device)
-        self.policy = attach_lora(base, self.lora_settings, hp.adapter, trainable=True, gradient_checkpointing=hp.gradient_checkpointing)
+        self.policy = attach_lora(
+            base, self.lora_settings, hp.adapter, trainable=True, gradient_checkpointing=hp.gradient_checkpointing
+        )
         self.prepare_policy_for_training()
 
     def prepare_policy_for_training(self) -> None:
