@@ -87,7 +87,8 @@ def decode(args) -> None:
     from abel_lightning.models import decode_engine as engine_module
     from abel_lightning.models.generation import SamplingSettings, generate
     from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer
-    from bench.rollout import copy_bandwidth, decode_bytes, prompts_of, timed
+    from bench.models import copy_bandwidth, decode_bytes, decode_roofline
+    from bench.rollout import prompts_of, timed
 
     engine_module.KV_BUCKET = args.kv_bucket
     path = materialize(args.model)
@@ -121,9 +122,9 @@ def decode(args) -> None:
     slots = range(width + short - 1, width + long - 1)  # the cache slot each measured step writes
     context = sum(s + 1 for s in slots) / len(slots)
     read = sum(engine_module._bucket(s) for s in slots) / len(slots)  # slots attention reads: its whole bucket
-    bandwidth = copy_bandwidth()
+    bandwidth, peak = copy_bandwidth(), matmul_tflops()
     kv_bytes = slot_bytes * args.rows * read
-    limit_step = (weight_bytes + slot_bytes * args.rows * context) / bandwidth
+    roofline = decode_roofline(model, args.rows, context, bandwidth, peak)
     work = {
         "matmul": f"{weight_bytes / per_step['matmul'] / 1e12:.2f} TB/s reading {weight_bytes / 1e9:.1f} GB of weights",
         "attention": f"{kv_bytes / per_step['attention'] / 1e12:.2f} TB/s reading {kv_bytes / 1e9:.1f} GB of KV "
@@ -135,9 +136,11 @@ def decode(args) -> None:
     )
     print_table(per_step, wall, work, top, long)
     print(
-        f"\nbandwidth limit {1e3 * limit_step:.2f} ms/step (weights + KV in use at the copy rate): "
-        f"CUDA-graph engine at "
-        f"{limit_step / wall:.0%} of it ({args.rows / wall:,.0f} tokens/s); eager {1e3 * eager_wall:.2f} ms/step"
+        f"\nroofline {1e3 * roofline['step']:.2f} ms/step: matrix products "
+        f"{1e3 * max(roofline['weights'], roofline['compute']):.2f} ms (weights at the copy rate "
+        f"{1e3 * roofline['weights']:.2f}, FLOPs at {peak:.0f} TFLOP/s {1e3 * roofline['compute']:.2f}) + the cache in "
+        f"use {1e3 * roofline['attention']:.2f} ms; CUDA-graph engine at {roofline['step'] / wall:.0%} of it "
+        f"({args.rows / wall:,.0f} tokens/s); eager {1e3 * eager_wall:.2f} ms/step"
     )
 
 

@@ -46,6 +46,44 @@ def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 20) -> float:
+    """Bytes per second a device-to-device copy of ``n_bytes`` moves, counting the read and the write."""
+    source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        target.copy_(source)
+    end.record()
+    end.synchronize()
+    return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
+
+
+def decode_bytes(model) -> tuple[int, int]:
+    """What a decode step reads: the weights' bytes, and the bytes of one cache slot (keys and values of every layer,
+    bf16) of one row."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+
+
+def decode_roofline(model, rows: int, context: float, bandwidth: float, peak_tflops: float) -> dict[str, float]:
+    """The fastest a decode step of ``rows`` rows at a mean ``context`` can run (issue 17's roofline), in seconds.
+
+    The matrix products read every weight once and do 2 x parameters FLOP a row, so they take the larger of
+    ``weight bytes / bandwidth`` (few rows: bound by memory) and ``2 x parameters x rows / peak`` (many rows: bound by
+    compute); attention reads each row's cache in use, ``rows x context x slot bytes / bandwidth``. The two add: they
+    run one after the other in each layer."""
+    weight_bytes, slot_bytes = decode_bytes(model)
+    parameters = sum(p.numel() for p in model.parameters())
+    weights = weight_bytes / bandwidth
+    compute = 2 * parameters * rows / (peak_tflops * 1e12)
+    attention = rows * context * slot_bytes / bandwidth
+    return {"weights": weights, "compute": compute, "attention": attention, "step": max(weights, compute) + attention}
+
+
 def training_flop(model, tokens: float) -> float:
     """FLOP of a training step over ``tokens`` as issue 7 counts them for MFU: 6 x the model's parameters per token."""
     return 6 * sum(p.numel() for p in model.parameters()) * tokens

@@ -2,6 +2,7 @@
 the clipped updates, and peak memory, for a bf16 or a 4-bit (QLoRA) base.
 
     python bench/ppo_step.py --model mistral-7b-random [--quantization 4bit] --iterations 3 [--no-sample-merged]
+    python bench/ppo_step.py --questions 64 --minibatch-size 16   # configs/ppo_fast.yaml's split
 
 Runs PPOModule through Lightning's Trainer exactly as `abel-lightning fit` does; the first iteration is a warm-up and
 is left out of the means.
@@ -36,7 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mistral-7b-random")
     parser.add_argument("--quantization", default=None, choices=[None, "4bit", "8bit"])
-    parser.add_argument("--questions", type=int, default=4, help="questions per PPO iteration")
+    parser.add_argument("--questions", type=int, default=4, help="questions per PPO iteration (data.batch_size)")
+    parser.add_argument(
+        "--minibatch-size", type=int, default=None, help="rollout rows per optimizer step; default: --questions"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help="sampling.engine")
@@ -50,12 +54,12 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp())
-    write_toy_dataset(work / "toy", n_train=64, n_test=8)
+    write_toy_dataset(work / "toy", n_train=max(64, args.questions * args.iterations), n_test=8)
     module = PPOModule(
         model=materialize(args.model),
         quantization=args.quantization,
         sampling=SamplingSettings(temperature=0.7, max_new_tokens=args.new_tokens, engine=args.engine),
-        minibatch_size=args.questions,
+        minibatch_size=args.minibatch_size or args.questions,
         target_kl=None,
         gradient_checkpointing=args.gradient_checkpointing,
         sample_merged=args.sample_merged,
@@ -92,12 +96,14 @@ def main() -> None:
     sampled_from = "merged copy" if args.sample_merged and args.quantization is None else "policy"
     iteration = sum(mean(key) for key in ("generation_seconds", "evaluate_seconds", "update_seconds"))
     print(
-        "\n| base | engine | sampled from | gradient checkpointing | generation s | tokens/s | scoring s "
+        "\n| base | questions / minibatch rows | engine | sampled from | gradient checkpointing | generation s "
+        "| tokens/s | scoring s "
         "| update s (4 epochs) | update tokens/s | update MFU | iteration s | peak GiB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     print(
-        f"| {label} | {args.engine} | {sampled_from} | {checkpointing} | {mean('generation_seconds'):.2f} | "
+        f"| {label} | {args.questions} / {module.hparams.minibatch_size} | {args.engine} | {sampled_from} "
+        f"| {checkpointing} | {mean('generation_seconds'):.2f} | "
         f"{mean('generation_tokens_per_s'):,.0f} | {mean('evaluate_seconds'):.2f} | {mean('update_seconds'):.2f} | "
         f"{update_rate:,.0f} | {mfu} | {iteration:.2f} | {gib(torch.cuda.max_memory_allocated()):.1f} |"
     )

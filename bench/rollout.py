@@ -11,9 +11,10 @@ seed's single setting); "8 arms" decodes the same rows as ``PolicyModule`` does 
 ``configs/rollouts.yaml`` arms: each question's k rows with their own temperature (0.20-0.50) and top_p, side by side
 in one batch, the question's prompt prefilled once. Same rows, same lengths: the ratio is the cost of per-row settings.
 
-Prints questions/s and tokens/s of each path, the ratio to the baseline, and the share of the bandwidth limit: a
-decode step must read every weight and the KV cache of every row, so tokens/s <= rows x copy bandwidth / (weight
-bytes + KV bytes at the mean context), with the bandwidth that of a device-to-device copy measured in the same run.
+Prints questions/s and tokens/s of each path, the ratio to the baseline, and the share of the roofline
+(``bench.models.decode_roofline``): a step's matrix products take the larger of reading every weight and doing
+2 x parameters FLOP per row, then attention reads each row's cache in use; the copy bandwidth and the bf16 matmul
+rate are measured in the same run.
 Random weights never emit EOS, and ``min_new_tokens`` keeps EOS out anyway, so every row decodes ``--new-tokens``.
 """
 
@@ -35,7 +36,7 @@ from abel_lightning.data.toy import make_problems  # noqa: E402
 from abel_lightning.models.decode_engine import decode_engine  # noqa: E402
 from abel_lightning.models.generation import SamplingSettings, generate  # noqa: E402
 from abel_lightning.models.loading import LoraSettings, load_base, load_tokenizer  # noqa: E402
-from bench.models import gib, materialize  # noqa: E402
+from bench.models import copy_bandwidth, decode_roofline, gib, materialize, matmul_tflops  # noqa: E402
 
 
 def prompts_of(tokenizer, n: int, prompt_tokens: int) -> list[str]:
@@ -51,29 +52,6 @@ def timed(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - started
-
-
-def copy_bandwidth(n_bytes: int = 2**30, repeats: int = 20) -> float:
-    """Bytes per second a device-to-device copy of ``n_bytes`` moves, counting the read and the write."""
-    source = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    target.copy_(source)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        target.copy_(source)
-    end.record()
-    end.synchronize()
-    return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
-
-
-def decode_bytes(model) -> tuple[int, int]:
-    """What a decode step reads: the weights' bytes, and the bytes of one cache slot (keys and values of every layer,
-    bf16) of one row."""
-    config = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
 
 
 def main() -> None:
@@ -151,28 +129,31 @@ def main() -> None:
         measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
     capture_s = decode_engine(merged).capture_seconds
 
-    bandwidth = copy_bandwidth()
-    weight_bytes, slot_bytes = decode_bytes(merged)
+    bandwidth, peak = copy_bandwidth(), matmul_tflops()
     prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     mean_context = sum(prompt_lengths) / len(prompt_lengths) + args.new_tokens / 2
-    kv_bytes = slot_bytes * rows * mean_context
-    limit = rows * bandwidth / (weight_bytes + kv_bytes)
+    roofline = decode_roofline(merged, rows, mean_context, bandwidth, peak)
+    limit = rows / roofline["step"]
 
     # The ratio is to the first path measured: plain generate, or with --paths arms the one-setting engine run.
     baseline = tokens / next(iter(seconds.values()))
-    print("\n| path | questions/s | tokens/s | ratio | % of bandwidth limit | warm-up call s |")
+    print("\n| path | questions/s | tokens/s | ratio | % of roofline | warm-up call s |")
     print("|---|---|---|---|---|---|")
     for name, s in seconds.items():
         print(
             f"| {name} | {args.questions / s:.2f} | {tokens / s:,.0f} | {tokens / s / baseline:.2f} "
             f"| {100 * tokens / s / limit:.0f}% | {warmup[name]:.1f} |"
         )
+    bound = "compute" if roofline["compute"] > roofline["weights"] else "memory"
+    matmul = max(roofline["weights"], roofline["compute"])
     print(
-        f"\n{rows} rows x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; bandwidth limit "
-        f"{limit:,.0f} tokens/s = {rows} rows x {bandwidth / 1e12:.2f} TB/s (device-to-device copy of 1 GiB, read + "
-        f"write) / ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV cache at a mean context of "
-        f"{mean_context:.0f} tokens) per step; graph capture {capture_s:.1f} s (in the warm-up call, not timed); "
-        f"peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; {torch.cuda.get_device_name()}"
+        f"\n{rows} rows x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; roofline "
+        f"{limit:,.0f} tokens/s = {rows} rows / ({1e3 * matmul:.2f} ms of matrix products, bound by "
+        f"{bound} + {1e3 * roofline['attention']:.2f} ms reading the cache in use at a mean context of "
+        f"{mean_context:.0f} tokens) a step; copy {bandwidth / 1e12:.2f} TB/s (device-to-device, 1 GiB, read + "
+        f"write), bf16 matmul {peak:.0f} TFLOP/s, both measured now; graph capture {capture_s:.1f} s (in the "
+        f"warm-up call, not timed); peak memory {gib(torch.cuda.max_memory_allocated()):.1f} GiB; "
+        f"{torch.cuda.get_device_name()}"
     )
 
 
