@@ -8,14 +8,15 @@ A reward is called once per question::
 with the ``samples_per_question`` completions (without the prompt) in sampling order, their generated token counts
 (EOS not counted, as in Regime W) and the gold answer; it returns one finite float per completion. A reward of one
 completion alone is a plain function ``(completion, gold) -> float`` registered with ``@register_reward(name)``
-(:class:`PerCompletion` adapts it).
+(:class:`PerCompletion` adapts it). The rewards that judge answers take ``answer_checker`` (``gsm8k``, the default,
+or ``math_verify``, or a class_path to an ``abel_lightning.answers.AnswerChecker``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from abel_lightning.answers import extract_answer, is_correct
+from abel_lightning.answers import ANSWER_CHECKERS, AnswerChecker
 from abel_lightning.regime_w import RegimeWConfig, score_group
 from abel_lightning.registry import Registry
 
@@ -52,10 +53,19 @@ def register_reward(name: str) -> Callable[[Callable[[str, str], float]], Callab
     return register
 
 
-@register_reward("correctness")
-def correctness(completion: str, gold: str) -> float:
-    """1.0 when the completion's final answer equals the gold answer numerically, else 0.0 (the seed's reward)."""
-    return float(is_correct(extract_answer(completion), gold))
+@REWARDS.register("correctness")
+class Correctness(GroupReward):
+    """1.0 when a completion's final answer equals the gold answer, else 0.0 (the seed's reward), as
+    ``answer_checker`` reads and judges it."""
+
+    def __init__(self, answer_checker: str | AnswerChecker = "gsm8k") -> None:
+        self.checker: AnswerChecker = ANSWER_CHECKERS.resolve(answer_checker)
+
+    def __call__(self, question, completions, num_tokens, gold):
+        return [float(self.checker.is_correct(self.checker.extract(completion), gold)) for completion in completions]
+
+    def __repr__(self) -> str:
+        return f"Correctness({type(self.checker).__name__})"
 
 
 @REWARDS.register("regime_w")
@@ -66,7 +76,7 @@ class RegimeW(GroupReward):
     ``reward_i = correct_i + beta_coherence * s_wm + beta_agreement * [a_i == majority] - alpha_length * n_i / 100``,
     ``s_wm = w_end * s_end + w_path * s_path + w_cf * s_cf`` of the group (``regime_w.score_group``).
 
-    The arguments are Regime W's constants, with its reference values as defaults.
+    The arguments are Regime W's constants, with its reference values as defaults, and the answer checker.
     """
 
     def __init__(
@@ -76,7 +86,9 @@ class RegimeW(GroupReward):
         beta_coherence: float = 0.1,
         beta_agreement: float = 0.05,
         alpha_length: float = 0.05,
+        answer_checker: str | AnswerChecker = "gsm8k",
     ) -> None:
+        self.checker: AnswerChecker = ANSWER_CHECKERS.resolve(answer_checker)
         self.config = RegimeWConfig(
             s_cf=s_cf,
             weights=tuple(weights),
@@ -86,8 +98,8 @@ class RegimeW(GroupReward):
         )
 
     def __call__(self, question, completions, num_tokens, gold):
-        answers = [extract_answer(text) for text in completions]
-        correct = [is_correct(answer, gold) for answer in answers]
+        answers = [self.checker.extract(text) for text in completions]
+        correct = [self.checker.is_correct(answer, gold) for answer in answers]
         _, rewards = score_group(completions, answers, num_tokens, correct, self.config)
         return rewards
 

@@ -247,3 +247,41 @@ def test_is_correct_rejects_a_gold_that_is_no_number():
 def test_extracted_answers_compare_as_numbers():
     assert is_correct(extract_answer("The answer is: $18.00"), extract_gold("#### 18"))
     assert not is_correct(extract_answer("No idea."), "18")
+
+
+class LastToken(AnswerChecker):
+    """A researcher's checker for the wiring test: the last whitespace-separated token, compared as a string."""
+
+    def extract(self, completion):
+        return completion.split()[-1] if completion.split() else None
+
+    def is_correct(self, answer, gold):
+        return answer == gold
+
+
+def test_every_place_that_judges_answers_takes_the_selected_checker():
+    from abel_lightning.callbacks.platinum_eval import PlatinumEval
+    from abel_lightning.callbacks.regime_w import RegimeWCollector
+    from abel_lightning.models.generation import Answered, Completion
+    from abel_lightning.rewards import REWARDS, Correctness, RegimeW
+
+    texts = ["The answer is 18. ok", "The answer is 18."]
+    # The default reads 18 from both; the researcher's checker reads the last token ("ok" is wrong, "18." is not 18).
+    assert REWARDS.resolve("correctness")("Q", texts, [5, 4], "18") == [1.0, 1.0]
+    assert Correctness(LastToken())("Q", texts, [5, 4], "18") == [0.0, 0.0]
+    assert Correctness(LastToken())("Q", ["so 18"], [2], "18") == [1.0]
+    assert RegimeW(answer_checker=LastToken())("Q", ["so 18", "so 17"], [2, 2], "18")[0] > 0.9
+    question = {"question_id": "q", "question": "Q", "prompt": "P", "gold_answer": "18"}
+    answered = Answered(
+        question,
+        [Completion([1], [2, 3], text, True) for text in ["so 18", "it is 18 ok"]],
+        [0, 0],
+        ["a", "a"],
+        [0.7, 0.7],
+    )
+    record = RegimeWCollector(answer_checker=LastToken()).to_records([answered])[0]
+    assert [t["answer"] for t in record["trajectories"]] == ["18", "ok"]
+    assert [t["correct"] for t in record["trajectories"]] == [True, False]
+    one = Answered(question, answered.completions[1:], [0], ["a"], [0.0])
+    assert PlatinumEval(answer_checker="gsm8k").to_records([one])[0]["correct"]
+    assert not PlatinumEval(answer_checker=LastToken()).to_records([one])[0]["correct"]

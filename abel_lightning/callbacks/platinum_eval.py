@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from torchmetrics import SumMetric
 
-from abel_lightning.answers import extract_answer, is_correct
+from abel_lightning.answers import ANSWER_CHECKERS, AnswerChecker
 from abel_lightning.callbacks.recorder import ResumableRecorder
 from abel_lightning.compat import set_callback_metric
 from abel_lightning.data.gsm8k import load_questions
@@ -27,7 +27,7 @@ from abel_lightning.schemas import EVAL
 SUFFIX = "_platinum_eval.jsonl"
 
 
-def eval_record(answered: Answered) -> dict:
+def eval_record(answered: Answered, checker: AnswerChecker) -> dict:
     """One question's EVAL record from its single completion."""
     if len(answered.completions) != 1:
         raise ValueError(
@@ -35,14 +35,14 @@ def eval_record(answered: Answered) -> dict:
             f"{len(answered.completions)}; set model.samples_per_question: 1 and no arms"
         )
     question, completion = answered.question, answered.completions[0]
-    answer = extract_answer(completion.text)
+    answer = checker.extract(completion.text)
     return {
         "question_id": question["question_id"],
         "question": question["question"],
         "gold_answer": question["gold_answer"],
         "completion": completion.text,
         "answer": answer,
-        "correct": is_correct(answer, question["gold_answer"]),
+        "correct": checker.is_correct(answer, question["gold_answer"]),
         "num_tokens": completion.num_tokens,
     }
 
@@ -73,6 +73,7 @@ class PlatinumEval(ResumableRecorder):
         max_new_tokens: int = 512,
         prompt_template: str = "abel",
         log_every_n_batches: int = 10,
+        answer_checker: str | AnswerChecker = "gsm8k",
     ):
         """
         Args:
@@ -88,9 +89,12 @@ class PlatinumEval(ResumableRecorder):
             max_new_tokens: in-fit only: greedy decoding length limit.
             prompt_template: in-fit only: the prompt template of the questions.
             log_every_n_batches: without a progress bar, log the rates every this many batches (0: never).
+            answer_checker: what reads and judges each answer: ``gsm8k`` (the default), ``math_verify``, or a
+                class_path to an ``abel_lightning.answers.AnswerChecker``.
         """
         super().__init__(log_every_n_batches)
         self.output_dir = Path(output_dir)
+        self.checker: AnswerChecker = ANSWER_CHECKERS.resolve(answer_checker)
         self.name = name
         self.every_n_steps = every_n_steps
         self.dataset = dataset
@@ -117,7 +121,7 @@ class PlatinumEval(ResumableRecorder):
         return self.output_dir / f"{self.model_name(pl_module)}{SUFFIX}"
 
     def to_records(self, answered: list[Answered]) -> list[dict]:
-        return [eval_record(a) for a in answered]
+        return [eval_record(a, self.checker) for a in answered]
 
     # -- accuracy -----------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import lightning as L
 from rich.console import Console
 from rich.table import Table
 
-from abel_lightning.answers import extract_answer, is_correct
+from abel_lightning.answers import ANSWER_CHECKERS, AnswerChecker
 from abel_lightning.bandit import arm_statistics, plot_arm_statistics
 from abel_lightning.callbacks.recorder import ResumableRecorder
 from abel_lightning.models.generation import Answered
@@ -28,12 +28,12 @@ from abel_lightning.schemas import ROLLOUT
 log = logging.getLogger(__name__)
 
 
-def rollout_record(answered: Answered, config: RegimeWConfig) -> dict:
+def rollout_record(answered: Answered, config: RegimeWConfig, checker: AnswerChecker) -> dict:
     """One question's ROLLOUT record: its k trajectories with answers, correctness and rewards, and the group scores."""
     question = answered.question
     texts = [completion.text for completion in answered.completions]
-    answers = [extract_answer(text) for text in texts]
-    correct = [is_correct(answer, question["gold_answer"]) for answer in answers]
+    answers = [checker.extract(text) for text in texts]
+    correct = [checker.is_correct(answer, question["gold_answer"]) for answer in answers]
     num_tokens = [completion.num_tokens for completion in answered.completions]
     scores, rewards = score_group(texts, answers, num_tokens, correct, config)
     return {
@@ -82,6 +82,7 @@ class RegimeWCollector(ResumableRecorder):
         samples_per_question: int = 8,
         batch_size: int = 4,
         log_every_n_batches: int = 10,
+        answer_checker: str | AnswerChecker = "gsm8k",
     ):
         """
         Args:
@@ -91,9 +92,12 @@ class RegimeWCollector(ResumableRecorder):
             samples_per_question: k on the ``after_fit`` path (in ``predict`` the policy module's decides).
             batch_size: questions per ``generate`` call on the ``after_fit`` path.
             log_every_n_batches: without a progress bar, log the rates every this many batches (0: never).
+            answer_checker: what reads and judges each trajectory's final answer: ``gsm8k`` (the default),
+                ``math_verify``, or a class_path to an ``abel_lightning.answers.AnswerChecker``.
         """
         super().__init__(log_every_n_batches)
         self.output = output
+        self.checker: AnswerChecker = ANSWER_CHECKERS.resolve(answer_checker)
         self.regime_w = regime_w or RegimeWConfig()
         self.after_fit = after_fit
         self.samples_per_question = samples_per_question
@@ -111,7 +115,7 @@ class RegimeWCollector(ResumableRecorder):
             pl_module.restore_allocation(self.earlier)
 
     def to_records(self, answered: list[Answered]) -> list[dict]:
-        return [rollout_record(a, self.regime_w) for a in answered]
+        return [rollout_record(a, self.regime_w, self.checker) for a in answered]
 
     def on_records(self, records: list[dict]) -> None:
         if self._learner is not None:
