@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from test_dpo_module import write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,3 +203,57 @@ def test_own_loss_objective_estimator_and_reward_train_the_tiny_configs_by_class
     assert losses and abs(losses[0] - 1.5) < 1e-4, losses
     assert (tmp_path / "dpo_lora" / "adapter_model.safetensors").exists()
     assert package_state() == before
+
+
+def test_the_examples_of_docs_extending_run_on_the_shapes_it_states(tmp_path, monkeypatch):
+    """Each ``# mylab/<file>.py`` block of docs/EXTENDING.md, written out and called as PPO/DPO would call it."""
+    import importlib
+    import random
+    import re
+
+    import torch
+
+    from abel_lightning.losses.advantages import AdvantageInputs
+    from abel_lightning.losses.dpo import PairLogps
+    from abel_lightning.regime_w import S_CF
+
+    doc = (ROOT / "docs/EXTENDING.md").read_text()
+    blocks = re.findall(r"```python\n# (mylab/\w+\.py)\n(.*?)```", doc, flags=re.S)
+    assert {name for name, _ in blocks} >= {f"mylab/{m}.py" for m in ("losses", "objectives", "advantages", "rewards")}
+    (tmp_path / "mylab").mkdir()
+    (tmp_path / "mylab/__init__.py").write_text("")
+    for name, source in blocks:
+        (tmp_path / name).write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("abel_lightning.regime_w.S_CF", dict(S_CF))  # the example registers a score
+    lab = {m: importlib.import_module(f"mylab.{m}") for m in ("losses", "objectives", "aggregations", "advantages")}
+    lab |= {m: importlib.import_module(f"mylab.{m}") for m in ("kl", "rewards", "cf", "arms")}
+
+    B, T = 4, 5
+    logps = [torch.randn(B, requires_grad=True) for _ in range(2)] + [torch.randn(B) for _ in range(2)]
+    pairs = PairLogps(logps[0], logps[1], torch.full((B,), 3.0), torch.full((B,), 4.0), logps[2], logps[3])
+    out = lab["losses"].HuberMargin(beta=0.5, target=2.0)(pairs)
+    assert out.losses.shape == (B,) and out.loss.requires_grad
+
+    mask = torch.ones(B, T)
+    mask[0, 3:] = 0
+    logprobs, old = torch.randn(B, T, requires_grad=True), torch.randn(B, T)
+    per_token, stats = lab["objectives"].Unclipped()(logprobs, old, torch.randn(B, T), mask)
+    loss = lab["aggregations"].SeqSumMean()(per_token, mask)
+    assert per_token.shape == (B, T) and loss.ndim == 0 and stats.clip_fraction == 0
+
+    inputs = AdvantageInputs(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.zeros(B, T), 0.0, None, mask, 2, old, old)
+    advantages, returns = lab["advantages"].BatchMeanBaseline(scale=2.0)(inputs)
+    assert returns is None and advantages[1, 0] == -1.5 and advantages[0, 4] == 0
+
+    assert lab["kl"].AbsK1(clamp=10.0)(logprobs, old).shape == (B, T)
+    rewards = lab["rewards"].CorrectAndShort(per_token=0.1)("q", ["#### 7", "x #### 7", "#### 3"], [2, 4, 2], "7")
+    assert rewards == pytest.approx([1.0, 0.8, 0.0])
+    assert "all_answered" in importlib.import_module("abel_lightning.regime_w").S_CF
+    greedy = lab["arms"].Greedy(seed=0)
+    greedy.reset(3)
+    greedy.observe(0, True, 1.0)
+    greedy.observe(1, False, 0.2)
+    assert greedy.allocate("q", 2) == [2, 2]  # arm 2 never observed comes first
+    greedy.observe(2, False, 0.1)
+    assert greedy.choose(random.Random(0), 2) == [0, 0]
