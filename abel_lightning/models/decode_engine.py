@@ -280,29 +280,30 @@ class DecodeEngine:
         input_ids: Tensor,
         attention_mask: Tensor,
         settings: SamplingSettings | Sequence[SamplingSettings],
-        num_samples: int,
+        samples_per_question: int,
         eos_token_ids: list[int],
         pad_token_id: int,
         tokenizer=None,
         cuda_graphs: bool = True,
     ) -> Tensor:
-        """Sample ``num_samples`` continuations of each left-padded prompt in ``input_ids`` [N, P].
+        """Sample ``samples_per_question`` continuations of each left-padded prompt in ``input_ids`` [N, P].
 
         ``settings`` is one setting for all rows, or one per prompt (N): the rows of prompt ``i`` then sample with
         ``settings[i]``'s temperature, top_p, min/max_new_tokens and stop strings, side by side with the others.
         Identical prompts are prefilled once.
-        Returns the new tokens [N * num_samples, S] (rows prompt-major, as ``num_return_sequences`` orders them),
+        Returns the new tokens [N * samples_per_question, S] (rows prompt-major, as ``num_return_sequences`` orders
+        them),
         S <= the largest ``max_new_tokens``: a row that ends (EOS, a stop string, which needs ``tokenizer``, or its own
         ``max_new_tokens``) is padded with ``pad_token_id`` after its last token, exactly as ``model.generate`` pads it.
         """
         model = self._model()
         device = input_ids.device
         prompts, width = input_ids.shape
-        rows = prompts * num_samples
+        rows = prompts * samples_per_question
         per_row = [
             s
             for s in ([settings] * prompts if not isinstance(settings, Sequence) else settings)
-            for _ in range(num_samples)
+            for _ in range(samples_per_question)
         ]
         max_new_tokens = max(s.max_new_tokens for s in per_row)
         stop_lists = list(dict.fromkeys(tuple(s.stop_strings) for s in per_row if s.stop_strings))
@@ -329,7 +330,7 @@ class DecodeEngine:
                         step = functools.partial(self._step, model, workspace, rows, step_width, mode)
                         self._capture(workspace, (rows, step_width, mode), step)
                 self._set_rows(workspace, per_row, stop_lists)
-                self._prefill(model, workspace, input_ids, attention_mask, num_samples, mode)
+                self._prefill(model, workspace, input_ids, attention_mask, samples_per_question, mode)
                 steps = 1
                 while steps < max_new_tokens:
                     for _ in range(min(CHECK_EVERY, max_new_tokens - steps)):
@@ -456,20 +457,20 @@ class DecodeEngine:
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return model.lm_head(_rms_norm(body.norm, hidden[:, -1:]))[:, -1].float()
 
-    def _prefill(self, model, workspace, input_ids, attention_mask, num_samples, mode: _Mode) -> None:
+    def _prefill(self, model, workspace, input_ids, attention_mask, samples_per_question, mode: _Mode) -> None:
         """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token.
 
         Identical prompts (Regime W's arms that share a template) run once; their keys and values go to all their rows.
         """
         prompts, width = input_ids.shape
-        rows = prompts * num_samples
+        rows = prompts * samples_per_question
         unique, inverse = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
         if len(unique) < prompts:
             input_ids, attention_mask = unique[:, :width], unique[:, width:]
-            prompt_of_row = inverse.repeat_interleave(num_samples)
+            prompt_of_row = inverse.repeat_interleave(samples_per_question)
         else:
             # No duplicates: the prompts stay in their order, so each row's numbers are those of the batch as given.
-            prompt_of_row = torch.arange(prompts, device=input_ids.device).repeat_interleave(num_samples)
+            prompt_of_row = torch.arange(prompts, device=input_ids.device).repeat_interleave(samples_per_question)
         valid = attention_mask.bool()
         # Positions count real tokens only, as `generate` numbers them under left padding (SequenceBatch does too).
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
