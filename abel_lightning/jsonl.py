@@ -81,6 +81,15 @@ class JsonlError(ActionableError, ValueError):
         super().__init__(message)
 
 
+class EmptyJsonlError(ActionableError, ValueError):
+    """A JSONL file with no records (empty, or blank lines only) where a phase needs some; ``what_to_do`` says how
+    to get them."""
+
+    def __init__(self, path: str | os.PathLike, what_to_do: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: no records (the file is empty or holds only blank lines); {what_to_do}")
+
+
 def validate(record: object, schema: Schema) -> None:
     """Check ``record`` against ``schema`` (see :mod:`abel_lightning.schemas`); raise :class:`SchemaError` at the
     first mismatch. Extra fields are allowed.
