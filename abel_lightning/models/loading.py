@@ -67,12 +67,9 @@ class LoraSettings:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and existing local paths through.
-
-    A local path that does not exist raises here, so it never reaches the hub's id validator (whose answer is a long
-    traceback about repo id formats)."""
+    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and existing local paths through."""
     if not name.startswith(BUILTIN_PREFIX):
-        require_local_exists(name, "model folder", "point model at a folder holding config.json, or use a hub id")
+        require_local_exists(name, "model folder", "give a model folder, builtin:toy or a hub id")
         return name
     folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX) :]}-base"
     if not (folder / "config.json").exists():
