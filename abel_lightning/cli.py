@@ -9,17 +9,31 @@
 
 Going from one GPU to eight is a config change: add ``--config configs/strategy/ddp.yaml`` (or fsdp) and set
 ``--trainer.devices``.
+
+A known failure (a bad input file, a missing model folder, a diverged run) prints one line saying what is wrong and
+what to do, and exits with status 2; ``--debug`` (anywhere on the command line) or ``ABEL_LIGHTNING_DEBUG=1`` shows
+its traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from abel_lightning.errors import ActionableError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "ABEL_LIGHTNING_DEBUG"
+# What a person can fix from the message alone. FileNotFoundError is here because its message names the path; every
+# other exception is a bug, whose traceback is what its report needs.
+KNOWN_FAILURES = (ActionableError, FileNotFoundError)
 
 TRAINER_COMMANDS = {
     "fit": "train a policy: PPO (configs/ppo.yaml) or DPO (configs/dpo.yaml)",
@@ -120,19 +134,57 @@ def _print_help() -> None:
     for name, summary in SUMMARIES.items():
         print(f"  {name:<12} {summary}")
     print("\n`abel-lightning COMMAND --help` lists a command's options.")
+    print(f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of a failure that is otherwise reported in one line.")
+
+
+def report_known_failures(command: Callable[[], None], debug: bool) -> None:
+    """Run ``command``; a known failure (:data:`KNOWN_FAILURES`) becomes one line on stderr and exit status 2, unless
+    ``debug``, which lets it raise with its traceback."""
+    try:
+        command()
+    except Exception as error:
+        known = _known_failure(error)
+        if debug or known is None:
+            raise
+        print(f"abel-lightning: error: {_one_line(known)} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _known_failure(error: BaseException) -> BaseException | None:
+    """``error`` if it is a known failure, or the known failure that jsonargparse wrapped while building a class from
+    the config (it re-raises an ``__init__``'s error as a ValueError about Union subtypes); None for anything else."""
+    while not isinstance(error, KNOWN_FAILURES):
+        if error.__cause__ is None or not _raised_by_jsonargparse(error):
+            return None
+        error = error.__cause__
+    return error
+
+
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and traceback.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename is not None:
+        return f"{error.filename}: no such file or directory (paths are relative to {Path.cwd()}); check the path"
+    return " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> None:
-    from_shell = argv is None
-    argv = sys.argv[1:] if from_shell else argv
+    argv = sys.argv[1:] if argv is None else argv
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return
     if argv[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[argv[0]](argv[1:])
+        report_known_failures(lambda: EXTRA_COMMANDS[argv[0]](argv[1:]), debug)
         return
-    lightning_cli(None if from_shell else argv)
+    report_known_failures(lambda: lightning_cli(argv), debug)
 
 
 if __name__ == "__main__":

@@ -87,11 +87,21 @@ def _clip_sharded_gradients(trainer: L.Trainer, parameters: list[torch.nn.Parame
     """Scale the gradients so that their global norm is at most ``max_norm``, when each rank holds a disjoint shard
     of them: the norm is the square root of the local shards' squared norms summed over ranks."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    local = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=trainer.strategy.root_device))
-    norm = trainer.strategy.reduce(local, reduce_op="sum").sqrt()
+    norm = global_norm(trainer, grads)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))
+
+
+@torch.no_grad()
+def global_norm(trainer: L.Trainer, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of ``tensors`` taken together (float32): over all ranks' shards when the weights are sharded, where
+    each rank holds a disjoint part (the square root of the local squared norms summed over ranks), else this rank's,
+    which every rank holds whole."""
+    local = sum((t.float().pow(2).sum() for t in tensors), torch.zeros((), device=trainer.strategy.root_device))
+    if weights_sharded(trainer):
+        local = trainer.strategy.reduce(local, reduce_op="sum")
+    return local.sqrt()
 
 
 def trainer_precision(trainer: L.Trainer) -> AbstractContextManager:

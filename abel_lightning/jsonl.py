@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
+from abel_lightning.errors import ActionableError
 from abel_lightning.schemas import FieldType, Schema
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class SchemaError(ValueError):
         super().__init__(f"{where}expected {expected}, got {_short_repr(got)}")
 
 
-class JsonlError(ValueError):
+class JsonlError(ActionableError, ValueError):
     """A bad line in a JSONL file, located by ``path``, 1-based ``line`` and ``field`` (None when the line is not
     valid JSON or not an object).
 
@@ -77,6 +79,15 @@ class JsonlError(ValueError):
                 f"{path}:{line}: field '{field}': expected {expected}, got {_short_repr(got)}. Fix or remove this line."
             )
         super().__init__(message)
+
+
+class EmptyJsonlError(ActionableError, ValueError):
+    """A JSONL file with no records (empty, or blank lines only) where a phase needs some; ``what_to_do`` says how
+    to get them."""
+
+    def __init__(self, path: str | os.PathLike, what_to_do: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: no records (the file is empty or holds only blank lines); {what_to_do}")
 
 
 def validate(record: object, schema: Schema) -> None:
@@ -126,14 +137,18 @@ def iter_numbered_jsonl(
                 raise JsonlError(path, line_number, None, reason=reason) from error
             if not text.strip():
                 continue
+            overflowed: list[str] = []
             try:
-                record = json.loads(text, parse_constant=_reject_constant)
+                record = json.loads(text, parse_constant=_reject_constant, parse_float=_float_noting(overflowed))
             except ValueError as error:
                 # JSONDecodeError locates the problem; other ValueErrors come from _reject_constant (NaN, Infinity).
                 reason = (
                     f"{error.msg} at column {error.colno}" if isinstance(error, json.JSONDecodeError) else str(error)
                 )
                 raise JsonlError(path, line_number, None, reason=reason) from error
+            if overflowed:
+                expected = "a number within float range (about ±1.8e308)"
+                raise JsonlError(path, line_number, _first_non_finite(record), expected, overflowed[0])
             if schema is not None:
                 _validate_line(record, schema, path, line_number)
             yield line_number, record
@@ -273,6 +288,35 @@ def _encode(record: dict) -> bytes:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _float_noting(overflowed: list[str]):
+    """A ``parse_float`` that appends to ``overflowed`` the text of each number too large for a float: Python reads
+    ``1e400`` as infinity, which no JSON writer (ours included) can write back."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            overflowed.append(text)
+        return value
+
+    return parse
+
+
+def _first_non_finite(record: object) -> str | None:
+    """Dotted path (``trajectories[1].reward``) of the first infinite number in ``record``, in document order; None
+    when ``record`` is the number itself. Iterative, so that a deeply nested line cannot exhaust the stack."""
+    stack: list[tuple[str | None, object]] = [(None, record)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, float) and math.isinf(value):
+            return field
+        if isinstance(value, dict):
+            items = [(key if field is None else f"{field}.{key}", item) for key, item in value.items()]
+            stack.extend(reversed(items))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{field or ''}[{index}]", item) for index, item in enumerate(value)]))
+    return None
 
 
 def _short_repr(value: object) -> str:

@@ -7,8 +7,8 @@ Two kinds of pair per question:
   reward differs only by Regime W's coherence, agreement and length terms, so this pair teaches the shorter, more
   coherent solution.
 
-Trajectories with the same text never pair with each other: DPO's loss on a pair of identical sequences is constant
-and teaches nothing.
+Trajectories with the same text never pair with each other, and a blank one pairs with none: DPO's loss on a pair of
+identical sequences is constant and teaches nothing, and Phase 4 refuses both (:func:`pair_problem`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from abel_lightning.jsonl import read_jsonl, write_jsonl_atomic
+from abel_lightning.jsonl import EmptyJsonlError, JsonlError, iter_numbered_jsonl, write_jsonl_atomic
 from abel_lightning.schemas import PAIR, ROLLOUT
 
 logger = logging.getLogger(__name__)
@@ -49,23 +49,53 @@ def build_pairs(records: Iterable[dict], threshold: float = 0.01) -> list[dict]:
         incorrect = [t for t in record["trajectories"] if not t["correct"]]
         for chosen in correct:
             for rejected in incorrect:
-                if chosen["full_text"] != rejected["full_text"]:
-                    pairs.append(_pair(record, chosen, rejected, "correctness"))
+                pairs.append(_pair(record, chosen, rejected, "correctness"))
         coherence = _coherence_pair(correct)
         if coherence is not None:
             chosen, rejected = coherence
             if chosen["reward"] - rejected["reward"] > threshold:
                 pairs.append(_pair(record, chosen, rejected, "coherence"))
-    return pairs
+    return [pair for pair in pairs if pair_problem(pair) is None]
+
+
+def pair_problem(pair: dict) -> tuple[str, str] | None:
+    """``(field, what it should be)`` when DPO cannot learn from ``pair``: a blank ``chosen`` or ``rejected`` (no
+    text but whitespace), or the two equal (a constant loss); None for a usable pair."""
+    for side in ("chosen", "rejected"):
+        if not pair[side].strip():
+            return side, "a response with some text (not empty or whitespace only)"
+    if pair["chosen"] == pair["rejected"]:
+        return "rejected", "a response different from chosen"
+    return None
+
+
+def read_rollouts(path: str | Path) -> list[dict]:
+    """The records of a Phase 2 rollouts file (the ROLLOUT schema), refusing what would make no or wrong pairs: no
+    records at all, a record without trajectories, a question_id that an earlier line already holds (its pairs would
+    count twice). Raises :class:`JsonlError` naming the line, or :class:`EmptyJsonlError`."""
+    records, first_line = [], {}
+    for line, record in iter_numbered_jsonl(path, ROLLOUT):
+        if not record["trajectories"]:
+            raise JsonlError(path, line, "trajectories", "a non-empty list of trajectories", [])
+        question_id = record["question_id"]
+        if question_id in first_line:
+            expected = f"a question_id not already on line {first_line[question_id]}"
+            raise JsonlError(path, line, "question_id", expected, question_id)
+        first_line[question_id] = line
+        records.append(record)
+    if not records:
+        raise EmptyJsonlError(path, "run Phase 2 (`abel-lightning predict --config configs/rollouts.yaml`) to fill it")
+    return records
 
 
 def write_preferences(rollouts: str | Path, out: str | Path, threshold: float = 0.01) -> PairCounts:
     """Read Phase 2 rollouts, build their preference pairs and write them to ``out`` (JSONL, the PAIR schema).
 
-    Invalid rollouts raise :class:`abel_lightning.jsonl.JsonlError` (file, line and field) and nothing is written.
+    Invalid rollouts (:func:`read_rollouts`) raise :class:`abel_lightning.jsonl.JsonlError` (file, line and field)
+    and nothing is written.
     The output replaces ``out`` atomically, so a failed run never leaves a partial pairs file.
     """
-    records = read_jsonl(rollouts, ROLLOUT)
+    records = read_rollouts(rollouts)
     pairs = build_pairs(records, threshold)
     write_jsonl_atomic(out, pairs, PAIR)
     counts = PairCounts(

@@ -15,9 +15,7 @@ from abel_lightning.answers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
-REFERENCE_FILES = [SHARED_DATA / "gsm8k" / "train.jsonl", GSM8K_TEST, SHARED_DATA / "gsm8k_platinum" / "test.jsonl"]
+REFERENCE_FILES = ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "gsm8k_platinum/test.jsonl"]
 
 ENDINGS = [
     # GSM8K reference style.
@@ -98,9 +96,9 @@ def test_the_table_in_formats_md():
     assert not wrong
 
 
-@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="the shared GSM8K copy is not on this machine")
-def test_every_reference_solution_reads_back_as_its_gold_answer():
-    rows = [json.loads(line) for path in REFERENCE_FILES for line in path.read_text(encoding="utf-8").splitlines()]
+def test_every_reference_solution_reads_back_as_its_gold_answer(shared_data):
+    paths = [shared_data / name for name in REFERENCE_FILES]
+    rows = [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 7473 + 1319 + 1209
     golds = [extract_gold(row["answer"]) for row in rows]
     assert all(gold.lstrip("-").isdigit() for gold in golds)
@@ -191,9 +189,8 @@ def test_math_verify_against_the_default_over_the_table():
     assert differ == MATH_VERIFY_DIFFERS
 
 
-@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="the shared GSM8K copy is not on this machine")
-def test_extract_gold_parses_every_gsm8k_test_row():
-    rows = [json.loads(line) for line in GSM8K_TEST.read_text(encoding="utf-8").splitlines()]
+def test_extract_gold_parses_every_gsm8k_test_row(shared_data):
+    rows = [json.loads(line) for line in (shared_data / "gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()]
     golds = [extract_gold(row["answer"]) for row in rows]
     assert len(golds) == 1319
     assert all(gold.lstrip("-").isdigit() for gold in golds)

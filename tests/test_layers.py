@@ -22,8 +22,10 @@ LEVELS: list[dict[str, list[str]]] = [
         # Plain Python over the data (formats, answers, scores, prompts) and the seams to the libraries. data.toy,
         # the toy task's problem generator, is plain Python too, and the toy model (models.tiny) is trained on it.
         "foundation": [
+            "errors",
             "schemas",
             "registry",
+            "hub_ids",
             "jsonl",
             "fingerprints",
             "answers",

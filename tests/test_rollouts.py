@@ -150,3 +150,17 @@ def test_rollouts_after_fit_from_the_training_policy(tiny_model, shared_data, tm
     records = read_jsonl(output, ROLLOUT)
     assert [r["question_id"] for r in records] == [q["question_id"] for q in datamodule.questions]
     assert all(len(r["trajectories"]) == 2 for r in records)
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_output_path_answer_every_question_once(tiny_model, shared_data, tmp_path):
+    output = tmp_path / "rollouts.jsonl"
+    command = [sys.executable, str(SCRIPT), "--model", tiny_model, "--data", str(shared_data / "gsm8k/train.jsonl")]
+    command += ["--n-samples", str(N), "--rollouts", str(output)]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for process in processes:
+        _, stderr = process.communicate()
+        assert process.returncode == 0, stderr.decode()[-3000:]
+
+    records = read_jsonl(output, ROLLOUT)
+    assert sorted(r["question_id"] for r in records) == sorted(expected_ids(shared_data))

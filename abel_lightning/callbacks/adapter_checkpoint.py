@@ -2,6 +2,8 @@
 
 Beside the adapter it writes ``last.ckpt``: a Lightning checkpoint of the trainable weights, optimizer and loop
 state, so ``abel-lightning fit ... --ckpt_path <dirpath>/last.ckpt`` resumes at the step where the run stopped.
+A module that diverged (``pl_module.diverged``, see :mod:`abel_lightning.modules.trainable`) is never saved, by this
+callback or by any other checkpoint (Lightning's ``OnExceptionCheckpoint``, say), so the last good adapter stays.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ class AdapterCheckpoint(L.Callback):
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
+        if getattr(trainer.lightning_module, "diverged", False):
+            return
         # Every rank takes part (FSDP gathers shards); the strategy writes on rank 0 only.
         trainer.save_checkpoint(self.dirpath / LAST)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not getattr(pl_module, "diverged", False):
             pl_module.export_adapter(self.dirpath, checkpoint["state_dict"])

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from abel_lightning.answers import extract_gold
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.distributed import weights_sharded
-from abel_lightning.jsonl import JsonlError, iter_numbered_jsonl
+from abel_lightning.jsonl import EmptyJsonlError, JsonlError, iter_numbered_jsonl
 from abel_lightning.prompts import format_prompt
 
 SOURCE_ROW = {"question": str, "answer": str}
@@ -37,6 +37,8 @@ def load_questions(
     random subset (the same rows for the same seed, kept in source order).
     """
     rows = list(_read_rows(dataset, split, hub_config))
+    if not rows:
+        raise EmptyJsonlError(dataset, f"split {split!r} has no questions: point data.init_args.dataset at GSM8K rows")
     questions = []
     for row_index, (row, where) in enumerate(rows):
         if row.get("cleaning_status") in DROPPED_STATUSES:

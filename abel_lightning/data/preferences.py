@@ -24,9 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.fingerprints import update_with_file
-from abel_lightning.jsonl import read_jsonl
+from abel_lightning.jsonl import EmptyJsonlError, JsonlError, iter_numbered_jsonl
 from abel_lightning.models.sequences import SequenceBatch, pack
-from abel_lightning.preferences import write_preferences
+from abel_lightning.preferences import pair_problem, write_preferences
 from abel_lightning.schemas import PAIR, PAIR_KINDS
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"{self.pairs_path}: no preference pairs, and no rollouts to build them from ({hp.rollouts}); run "
                 "`abel-lightning preferences` or point data.init_args.pairs at a pairs file"
             )
-        records = read_jsonl(self.pairs_path, PAIR)
+        records = read_pairs(self.pairs_path)
         self.fingerprint = _fingerprint(self.pairs_path, hp.kinds, hp.max_prompt_length, hp.max_length)
         kept = [i for i, record in enumerate(records) if hp.kinds is None or record["kind"] in hp.kinds]
         if not kept:
@@ -208,6 +208,21 @@ class PreferenceDataModule(L.LightningDataModule):
     def _collate(self) -> partial:
         # A partial, not a bound method: worker processes then need not pickle the datamodule and its trainer.
         return partial(collate_pairs, pad_id=self.pad_id)
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """The pairs of a pairs file (the PAIR schema), refusing an empty file and any pair DPO cannot learn from
+    (:func:`abel_lightning.preferences.pair_problem`: a blank response, chosen equal to rejected)."""
+    records = []
+    for line, record in iter_numbered_jsonl(path, PAIR):
+        problem = pair_problem(record)
+        if problem is not None:
+            field, expected = problem
+            raise JsonlError(path, line, field, expected, record[field])
+        records.append(record)
+    if not records:
+        raise EmptyJsonlError(path, "run Phase 3 (`abel-lightning preferences`) on rollouts that have pairs to give")
+    return records
 
 
 def _fingerprint(path: Path, kinds: list[str] | None, max_prompt_length: int, max_length: int) -> str:

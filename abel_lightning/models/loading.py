@@ -8,16 +8,22 @@ the adapter disabled, so no second copy of the weights is ever held.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from abel_lightning.compat import has_fsdp_wrappers
+from abel_lightning.errors import ActionableError
+from abel_lightning.hub_ids import require_local_exists
 from abel_lightning.models.architectures import default_lora_targets
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,12 @@ BUILTIN_PREFIX = "builtin:"
 # PEFT's name for the adapter a PeftModel is created or loaded with: the one that trains and is saved.
 TRAINED_ADAPTER = "default"
 Quantization = Literal["4bit", "8bit"]
+# A PEFT adapter folder's weights, in the format save_adapter writes or the one older PEFT versions wrote.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class ModelFolderError(ActionableError):
+    """A model or adapter folder that is missing, incomplete or damaged."""
 
 
 @dataclass
@@ -55,8 +67,9 @@ class LoraSettings:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and local paths through."""
+    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and existing local paths through."""
     if not name.startswith(BUILTIN_PREFIX):
+        require_local_exists(name, "model folder", "give a model folder, builtin:toy or a hub id")
         return name
     folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX) :]}-base"
     if not (folder / "config.json").exists():
@@ -99,7 +112,9 @@ def load_base(
     if quantization is not None:
         kwargs["quantization_config"] = _bnb_config(quantization, _dtype(dtype))
         kwargs["device_map"] = {"": str(device if device is not None else "cuda")}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    path = resolve_model_path(name)
+    with _readable_weights(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.requires_grad_(False)
     return model
 
@@ -137,14 +152,65 @@ def attach_lora(
         # Only active in train mode: sampling (eval mode) keeps its KV cache.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").exists() and Path(adapter).exists():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+        check_adapter_folder(adapter)
+        with _readable_weights(adapter):
+            model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     else:
         model = get_peft_model(base, (lora or LoraSettings()).to_peft(base.config.model_type))
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+def check_adapter_folder(adapter: str) -> None:
+    """Refuse an adapter that PEFT would otherwise send to the hub or fail on with a bare parser error: a local path
+    that does not exist, a folder without ``adapter_config.json`` or without weights, a config that is not JSON.
+    A hub id (no such local folder, ``owner/name``) passes."""
+    require_local_exists(adapter, "adapter folder", "point model.adapter at a saved PEFT adapter folder, or null")
+    folder = Path(adapter)
+    if not folder.exists():
+        return
+    config = folder / "adapter_config.json"
+    if not config.exists():
+        raise ModelFolderError(
+            f"{adapter}: not a PEFT adapter folder (no adapter_config.json); point model.adapter at the folder a "
+            "training run saved (its AdapterCheckpoint dirpath)"
+        )
+    if not any((folder / name).exists() for name in ADAPTER_WEIGHTS):
+        raise ModelFolderError(
+            f"{adapter}: no {ADAPTER_WEIGHTS[0]} (the adapter's weights): the save was interrupted or the file was "
+            "not copied; copy or re-save the whole adapter folder"
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelFolderError(
+            f"{config}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); fix it or re-save the adapter"
+        ) from error
+
+
+@contextmanager
+def _readable_weights(folder: str) -> Iterator[None]:
+    """Name the damaged ``.safetensors`` file of ``folder`` when loading fails in safetensors' deserializer, whose
+    own message names no file."""
+    try:
+        yield
+    except SafetensorError as error:
+        damaged = [str(path) for path in sorted(Path(folder).glob("*.safetensors")) if not _opens(path)]
+        where = ", ".join(damaged) or f"a .safetensors file in {folder}"
+        raise ModelFolderError(
+            f"{where}: truncated or corrupt ({error}); re-download or re-save it (a copy or save that was cut short "
+            "leaves such a file)"
+        ) from error
+
+
+def _opens(path: Path) -> bool:
+    """Whether safetensors can read the header of ``path`` and every tensor's bytes are present."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path, state_dict=None) -> Path:

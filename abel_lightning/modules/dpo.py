@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from abel_lightning.compat import fit_batch_index
 from abel_lightning.data.preferences import PreferenceBatch, PreferenceDataModule
 from abel_lightning.losses.dpo import DPO_LOSSES, DPOLoss, DPOOutput, PairLogps
 from abel_lightning.models.loading import TRAINED_ADAPTER, LoraSettings, Quantization
 from abel_lightning.models.sequences import sequence_logprobs
 from abel_lightning.modules.reference_logprobs import ReferenceLogprobs, hash_files
-from abel_lightning.modules.trainable import LoRATrainingModule
+from abel_lightning.modules.trainable import DivergenceLimits, LoRATrainingModule
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ class DPOModule(LoRATrainingModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         reference: str = "cached",
+        divergence: DivergenceLimits | None = None,
     ):
         """
         Args:
@@ -71,8 +71,10 @@ class DPOModule(LoRATrainingModule):
             reference: ``cached`` (reference log-probs computed once before training and saved beside the pairs
                 file) or ``adapter`` (a frozen copy of the starting adapter evaluated at every step); unused by a
                 reference-free loss.
+            divergence: when the run counts as diverged and stops, keeping the last good adapter (gradient norm,
+                weight growth; ``kl`` is PPO's).
         """
-        super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing)
+        super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing, divergence)
         self.save_hyperparameters()
         self.loss = DPO_LOSSES.resolve(loss)
         if reference not in REFERENCES:
@@ -99,10 +101,9 @@ class DPOModule(LoRATrainingModule):
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         out = self.preference_loss(batch)
         if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite DPO loss ({out.loss.item()}) at batch {fit_batch_index(self.trainer)}, pairs "
-                f"{batch.index.tolist()} of {self.trainer.datamodule.pairs_path}: lower model.learning_rate or "
-                "the loss's beta, check those pairs for empty responses, and resume from the last saved adapter"
+            self.stop_diverged(
+                f"non-finite DPO loss ({out.loss.item()}) on pairs {batch.index.tolist()} of "
+                f"{self.trainer.datamodule.pairs_path} (lowering the loss's beta may help; check those pairs)"
             )
         self.log_metrics("train", out, batch)
         pairs = batch.index.numel()

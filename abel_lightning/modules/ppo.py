@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from abel_lightning.compat import attached_trainer, fit_batch_index
+from abel_lightning.compat import attached_trainer
 from abel_lightning.distributed import in_wrapped_forward, weights_sharded
 from abel_lightning.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageEstimator, AdvantageInputs
 from abel_lightning.losses.kl import KL_ESTIMATORS, KLEstimator
@@ -35,7 +35,7 @@ from abel_lightning.models.loading import LoraSettings, Quantization
 from abel_lightning.models.merged_copy import MergedCopy
 from abel_lightning.models.sequences import SequenceBatch, pack_completions, response_forward
 from abel_lightning.models.value_head import ValueHead
-from abel_lightning.modules.trainable import LoRATrainingModule
+from abel_lightning.modules.trainable import DivergenceLimits, LoRATrainingModule
 from abel_lightning.rewards import REWARDS, GroupReward
 
 
@@ -69,6 +69,7 @@ class PPOModule(LoRATrainingModule):
         max_grad_norm: float = 1.0,
         max_generation_rows: int | None = None,
         sample_merged: bool = True,
+        divergence: DivergenceLimits | None = None,
     ):
         """
         Args:
@@ -111,8 +112,10 @@ class PPOModule(LoRATrainingModule):
             sample_merged: sample from a merged copy of the policy (models/merged_copy.py): 1.6x faster decoding at
                 PPO's few rows, for one more copy of the adapted weights (about 13 GB for a 7B base). Not used with
                 a quantized base or sharded weights (FSDP), which cannot be merged into.
+            divergence: when the run counts as diverged and stops, keeping the last good adapter (gradient norm,
+                weight growth, KL from the sampling policy).
         """
-        super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing)
+        super().__init__(model, adapter, lora, dtype, quantization, gradient_checkpointing, divergence)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.sampling = sampling or SamplingSettings()
@@ -267,14 +270,15 @@ class PPOModule(LoRATrainingModule):
                     ),
                 )
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite PPO loss at iteration {fit_batch_index(self.trainer)}: the last good "
-                        "adapter is the one saved before this step; lower model.learning_rate or raise "
-                        "model.init_kl_coef and resume from it"
-                    )
+                    self.stop_diverged(f"the PPO loss is {loss.item()} (raising model.init_args.init_kl_coef may help)")
                 # Checked before stepping, as in Stable-Baselines3: a minibatch that finds the policy already too far
                 # from the one that sampled is not applied. All ranks decide on the mean KL, so they stop together.
                 approx_kl = self.trainer.strategy.reduce(record["approx_kl"], reduce_op="mean")
+                if approx_kl > self.divergence.kl:
+                    self.stop_diverged(
+                        f"the policy moved by approx. KL {float(approx_kl):.3g} nats per token from the one that "
+                        "sampled (limit divergence.kl)"
+                    )
                 if hp.target_kl is not None and approx_kl > hp.target_kl:
                     stopped_early = True
                     break
@@ -282,6 +286,7 @@ class PPOModule(LoRATrainingModule):
                 self.manual_backward(loss)
                 self.configure_gradient_clipping(optimizer, hp.max_grad_norm, "norm")
                 optimizer.step()
+                self.check_weights()
                 step_stats.append(record)
             if stopped_early:
                 break
