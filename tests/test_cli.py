@@ -96,7 +96,10 @@ def test_compare_takes_the_shell_glob_as_paths(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "cpu"])
-@pytest.mark.parametrize("command, config", [("fit", "ppo"), ("fit", "dpo"), ("predict", "rollouts"), ("test", "eval")])
+@pytest.mark.parametrize(
+    "command, config",
+    [("fit", "ppo"), ("fit", "ppo_fast"), ("fit", "dpo"), ("predict", "rollouts"), ("test", "eval")],
+)
 def test_every_phase_config_parses_with_every_strategy_file(command, config, strategy, capsys):
     """One GPU to eight is a config change: each phase's config combined with each strategy file must be a valid
     command line (parsed, not run: the strategies need GPUs)."""
@@ -113,3 +116,21 @@ def test_every_phase_config_parses_with_every_strategy_file(command, config, str
         )
     assert exit_.value.code in (0, None)
     assert "class_path: lightning.pytorch.strategies" in capsys.readouterr().out or strategy in ("single", "cpu")
+
+
+def test_the_fast_ppo_config_is_the_seeds_but_for_its_marked_lines():
+    """configs/ppo_fast.yaml is configs/ppo.yaml with the rollout batch split from the update minibatch: a change to
+    the seed's config that the fast one misses fails here."""
+    import yaml
+
+    seed, fast = (yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text()) for name in ("ppo", "ppo_fast"))
+    changed = {}
+    for config, side in ((seed, "seed"), (fast, "fast")):
+        changed[side] = (
+            config["data"]["init_args"].pop("batch_size"),
+            config["model"]["init_args"].pop("minibatch_size"),
+            config["model"]["init_args"].pop("learning_rate"),
+            config["trainer"]["callbacks"][0]["init_args"].pop("save_every"),
+        )
+    assert seed == fast
+    assert changed == {"seed": (4, 4, 5e-6, 500), "fast": (64, 16, 1e-5, 8)}
