@@ -13,6 +13,7 @@ Answers are compared as strings, so they must come normalized from :func:`abel_l
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,23 @@ class RegimeWConfig:
         # YAML and jsonargparse hand lists over; a tuple keeps the config hashable and comparable.
         self.weights = tuple(self.weights)
         _check_weights(self.weights)
+
+
+def resolve_s_cf(name: str) -> SCfFunction:
+    """The s_cf function called ``name``: a registered name, or a dotted path to a function of your own
+    (``mylab.cf.all_answered``), imported here so that a config can name it without importing its module elsewhere."""
+    if name in S_CF:
+        return S_CF[name]
+    module, _, attribute = name.rpartition(".")
+    if module:
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"s_cf {name!r}: cannot import it ({error}); check the path and PYTHONPATH") from None
+    raise ValueError(
+        f"unknown s_cf {name!r}: registered ones are {sorted(S_CF)}; add one with @register_s_cf or give a dotted "
+        "path to your function (mylab.cf.my_score)"
+    )
 
 
 def register_s_cf(name: str) -> Callable[[SCfFunction], SCfFunction]:
@@ -100,8 +118,7 @@ def group_scores(
     """
     k = _check_group(full_texts, answers, num_tokens)
     _check_weights(weights)
-    if s_cf not in S_CF:
-        raise ValueError(f"unknown s_cf {s_cf!r}: registered ones are {sorted(S_CF)} (add one with @register_s_cf)")
+    s_cf_function = resolve_s_cf(s_cf)
 
     majority = majority_answer(answers)
     s_end = 0.0 if majority is None else sum(answer == majority for answer in answers) / k
@@ -111,7 +128,7 @@ def group_scores(
     # All-empty completions (mean 0) have no spread at all: perfectly consistent paths.
     s_path = 1.0 if mean == 0 else 1.0 - min(1.0, variance / mean**2)
 
-    cf = float(S_CF[s_cf](full_texts, answers))
+    cf = float(s_cf_function(full_texts, answers))
     if not 0.0 <= cf <= 1.0:
         raise ValueError(f"s_cf {s_cf!r} returned {cf}, outside [0, 1]; fix the registered function")
 

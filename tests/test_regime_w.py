@@ -139,3 +139,13 @@ def test_mismatched_group_is_an_error():
         group_scores(TEXTS, ANSWERS, TOKENS[:3])
     with pytest.raises(ValueError, match="at least one trajectory"):
         group_scores([], [], [])
+
+
+def test_s_cf_by_dotted_path_imports_the_function(tmp_path, monkeypatch):
+    (tmp_path / "mylab_cf.py").write_text("def half(full_texts, answers):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert group_scores(TEXTS, ANSWERS, TOKENS, s_cf="mylab_cf.half").s_cf == 0.5
+    with pytest.raises(ValueError, match="cannot import"):
+        group_scores(TEXTS, ANSWERS, TOKENS, s_cf="mylab_cf.missing")
+    with pytest.raises(ValueError, match="dotted"):
+        group_scores(TEXTS, ANSWERS, TOKENS, s_cf="nonesuch")
