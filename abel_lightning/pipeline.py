@@ -21,16 +21,21 @@ from abel_lightning.callbacks.adapter_checkpoint import LAST
 
 log = logging.getLogger(__name__)
 
+# The embedded default's phase configs ship inside the package (a checkout's configs/tiny links here), so that
+# `abel-lightning pipeline` with no arguments runs from any folder, the package installed or not.
+TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
+
 
 @dataclass
 class PipelineConfig:
-    """What ``configs/pipeline.yaml`` holds. The defaults are the embedded toy testbed (``configs/tiny/``)."""
+    """What ``configs/pipeline.yaml`` holds. The defaults are the embedded toy testbed (``configs/tiny/``, shipped as
+    ``abel_lightning/configs/tiny/``); ``run_dir`` is relative to the working folder."""
 
     run_dir: str = "runs/tiny"
-    ppo: str = "configs/tiny/ppo.yaml"
-    rollouts: str = "configs/tiny/rollouts.yaml"
-    dpo: str = "configs/tiny/dpo.yaml"
-    eval: str = "configs/tiny/eval.yaml"
+    ppo: str = str(TINY_CONFIGS / "ppo.yaml")
+    rollouts: str = str(TINY_CONFIGS / "rollouts.yaml")
+    dpo: str = str(TINY_CONFIGS / "dpo.yaml")
+    eval: str = str(TINY_CONFIGS / "eval.yaml")
     preference_threshold: float = 0.01
     # Set for the toy testbed: a generated toy dataset (GSM8K format) replaces the phase configs' datasets.
     toy_data: dict | None = field(default_factory=lambda: {"n_train": 2000, "n_test": 200, "seed": 0})

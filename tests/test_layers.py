@@ -24,6 +24,7 @@ LEVELS: list[dict[str, list[str]]] = [
         "foundation": [
             "schemas",
             "registry",
+            "hub_ids",
             "jsonl",
             "fingerprints",
             "answers",

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from abel_lightning.compat import has_fsdp_wrappers
+from abel_lightning.hub_ids import require_local_exists
 from abel_lightning.models.architectures import default_lora_targets
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ class LoraSettings:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and local paths through."""
+    """Map ``builtin:<name>`` to the folder shipped in the package; pass hub ids and existing local paths through."""
     if not name.startswith(BUILTIN_PREFIX):
+        require_local_exists(name, "model folder", "give a model folder, builtin:toy or a hub id")
         return name
     folder = Path(__file__).resolve().parent.parent / "assets" / f"{name[len(BUILTIN_PREFIX) :]}-base"
     if not (folder / "config.json").exists():
@@ -137,6 +139,9 @@ def attach_lora(
         # Only active in train mode: sampling (eval mode) keeps its KV cache.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
+        require_local_exists(
+            adapter, "adapter folder", "run the phase that writes it first, or point model.init_args.adapter at one"
+        )
         if not (Path(adapter) / "adapter_config.json").exists() and Path(adapter).exists():
             raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
