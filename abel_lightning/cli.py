@@ -78,7 +78,7 @@ def pipeline(args: list[str]) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/pipeline.yaml)")
     parser.add_class_arguments(PipelineConfig)
     config = PipelineConfig(**{k: v for k, v in parser.parse_args(args).as_dict().items() if k != "config"})
-    report = run_pipeline(config)
+    report = run_pipeline(config, lightning_cli)
     print(f"report: {report}")
 
 

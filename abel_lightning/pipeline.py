@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,9 +214,12 @@ def _rollout_callback(config_path: str, output: Path) -> dict:
     return _callback("abel_lightning.callbacks.regime_w.RegimeWCollector", output=str(output))
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
-    """Run (or resume) every phase, then write ``report.md``; returns the report's path."""
-    from abel_lightning.cli import lightning_cli
+def run_pipeline(config: PipelineConfig, run_phase: Callable[[list[str]], object]) -> Path:
+    """Run (or resume) every phase, then write ``report.md``; returns the report's path.
+
+    ``run_phase`` runs one Lightning phase from its ``abel-lightning`` arguments (the CLI passes its own, so this
+    module needs nothing of the command's).
+    """
     from abel_lightning.preferences import write_preferences
     from abel_lightning.report import write_report
 
@@ -233,6 +237,6 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if args is None:
             write_preferences(run.rollouts, run.pairs, run.config.preference_threshold)
         else:
-            lightning_cli(args)
+            run_phase(args)
         run.mark_finished(name)
     return write_report(run)
