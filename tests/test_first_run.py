@@ -5,6 +5,7 @@ that names `--model.help`, and the embedded default from an installed wheel."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,11 +95,15 @@ def test_help_says_how_to_list_a_models_options(capsys):
 @pytest.mark.slow
 def test_the_embedded_default_runs_from_an_empty_folder_with_the_package_installed(tmp_path):
     """`abel-lightning pipeline` with no arguments, the wheel installed (not editable) and the checkout out of reach."""
-    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    source, wheels, target, work = (tmp_path / name for name in ("source", "wheels", "site", "work"))
     work.mkdir()
+    # Built from a copy: setuptools writes build/ and *.egg-info into the folder it builds.
+    shutil.copytree(ROOT / "abel_lightning", source / "abel_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "-q"]
     build = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
         capture_output=True,
         text=True,
     )
