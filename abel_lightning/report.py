@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from abel_lightning.bandit import arm_statistics, arm_statistics_markdown, plot_arm_statistics  # noqa: E402
 from abel_lightning.compare import compare, mcnemar_pairs  # noqa: E402
 from abel_lightning.jsonl import read_jsonl  # noqa: E402
-from abel_lightning.schemas import ROLLOUT  # noqa: E402
+from abel_lightning.schemas import PAIR, PAIR_KINDS, ROLLOUT  # noqa: E402
 
 # The PPO reward per iteration is a mean over one batch's samples (32 on the toy run), noisy enough that a smoothed line
 # is what shows the trend; the raw points stay beside it.
@@ -99,6 +99,11 @@ def write_report(run) -> Path:
     lines += ["", "![accuracy](accuracy.png)", ""]
     if len(results) > 1:
         lines += ["## Paired exact McNemar tests (questions both models answered)", "", *mcnemar_markdown(results), ""]
+    if run.pairs.exists():
+        pairs = read_jsonl(run.pairs, PAIR)
+        counts = ", ".join(f"{sum(p['kind'] == kind for p in pairs)} {kind}" for kind in PAIR_KINDS)
+        threshold = run.config.preference_threshold
+        lines += ["## Preference pairs", "", f"{counts} (coherence: a reward gap above {threshold:g})", ""]
     stats = arm_statistics(read_jsonl(run.rollouts, ROLLOUT)) if run.rollouts.exists() else []
     if stats:
         plot_arm_statistics(stats, root / "arms.png")

@@ -89,7 +89,7 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_phases(tmp_path):
     ]
     report = (tmp_path / "report.md").read_text()
     for model in ("base", "ppo_lora", "dpo_lora"):
-        assert f"| {model} |" in report and "McNemar" in report
+        assert f"| {model} |" in report and "McNemar" in report and "## Preference pairs" in report
         records = read_jsonl(tmp_path / "eval" / f"{model}_platinum_eval.jsonl")
         assert len(records) == 20
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "ppo_curves.png").exists()
