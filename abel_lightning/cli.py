@@ -72,8 +72,10 @@ def pipeline(args: list[str]) -> None:
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from abel_lightning.pipeline import PipelineConfig, run_pipeline
+    from abel_lightning.pipeline import TINY_CONFIGS, PipelineConfig, run_pipeline
 
+    # No arguments: the embedded toy testbed as its packaged config, which sets the toy's own coherence threshold.
+    args = args or ["--config", str(TINY_CONFIGS / "pipeline.yaml")]
     parser = ArgumentParser(prog="abel-lightning pipeline", description=pipeline.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/pipeline.yaml)")
     parser.add_class_arguments(PipelineConfig)
