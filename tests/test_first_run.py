@@ -5,6 +5,7 @@ that names `--model.help`, and the embedded default from an installed wheel."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,6 @@ def test_the_embedded_default_runs_from_an_empty_folder_with_the_package_install
     assert result.stdout.startswith(str(target / "abel_lightning"))
     report = (work / "runs/tiny/report.md").read_text()
     assert "| base |" in report and "McNemar" in report
+    # The embedded default exercises the coherence path too (4 pairs at seed 0: docs/TOY.md).
+    coherence = re.search(r"(\d+) coherence \(coherence: a reward gap above 0.001\)", report)
+    assert coherence and int(coherence.group(1)) > 0, report
