@@ -29,8 +29,9 @@ TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
 
 @dataclass
 class PipelineConfig:
-    """What ``configs/pipeline.yaml`` holds. The defaults are the embedded toy testbed (``configs/tiny/``, shipped as
-    ``abel_lightning/configs/tiny/``); ``run_dir`` is relative to the working folder."""
+    """What ``configs/pipeline.yaml`` holds. The defaults run the embedded toy testbed (``configs/tiny/``, shipped as
+    ``abel_lightning/configs/tiny/``) with the seed's coherence threshold; ``abel-lightning pipeline`` with no arguments
+    runs ``configs/tiny/pipeline.yaml``, which sets the toy's. ``run_dir`` is relative to the working folder."""
 
     run_dir: str = "runs/tiny"
     ppo: str = str(TINY_CONFIGS / "ppo.yaml")
