@@ -106,6 +106,8 @@ class SaveConfigBesideLogs(SaveConfigCallback):
 
 
 class AbelCLI(LightningCLI):
+    """Lightning's CLI, with the checks that must come before any model or data module is built."""
+
     def before_instantiate_classes(self) -> None:
         """Refuse a GPU config on a machine without one before any model is built: building it first would fetch and
         load the weights (minutes for a 7B model) only for the Trainer to fail."""
@@ -149,9 +151,9 @@ def _hide_known_noise() -> None:
     """Drop messages of other libraries that are harmless here and say nothing a user can act on, each by its text."""
     # peft imports bitsandbytes whenever it is installed; on a CPU without the optional `kernels` package it warns
     # that a CPU 4-bit kernel is missing. Quantization here is for CUDA only (models/loading.py).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.msg)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
     # An advertisement Lightning logs at every fit.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.msg)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     # The pipeline runs each phase through LightningCLI with its own arguments while sys.argv holds the pipeline's.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
     # Deprecations met inside the libraries, not in this code: peft reads transformers' `is_gradient_checkpointing`,
