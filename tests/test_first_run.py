@@ -16,7 +16,7 @@ import pytest
 from abel_lightning.cli import main
 from abel_lightning.data.gsm8k import load_questions
 from abel_lightning.hub_ids import looks_local
-from abel_lightning.models.loading import resolve_model_path
+from abel_lightning.models.loading import attach_lora, load_base, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -74,6 +74,9 @@ def test_a_missing_local_dataset_or_model_says_so(tmp_path, monkeypatch):
         load_questions("runs/tiny/data/toy", "train")
     with pytest.raises(FileNotFoundError, match=r"^\./base: no such model folder"):
         resolve_model_path("./base")
+    base = load_base("builtin:toy", dtype="float32")
+    with pytest.raises(FileNotFoundError, match=r"^runs/tiny/checkpoints/ppo_lora: no such adapter folder .*run the"):
+        attach_lora(base, adapter="runs/tiny/checkpoints/ppo_lora")
 
 
 def test_a_gpu_config_on_a_machine_without_one_is_refused_before_the_model_loads(tmp_path):
