@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,13 +85,15 @@ def pipeline(args: list[str]) -> None:
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from abel_lightning.pipeline import PipelineConfig, run_pipeline
+    from abel_lightning.pipeline import TINY_CONFIGS, PipelineConfig, run_pipeline
 
+    # No arguments: the embedded toy testbed as its packaged config, which sets the toy's own coherence threshold.
+    args = args or ["--config", str(TINY_CONFIGS / "pipeline.yaml")]
     parser = ArgumentParser(prog="abel-lightning pipeline", description=pipeline.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/pipeline.yaml)")
     parser.add_class_arguments(PipelineConfig)
     config = PipelineConfig(**{k: v for k, v in parser.parse_args(args).as_dict().items() if k != "config"})
-    report = run_pipeline(config)
+    report = run_pipeline(config, lightning_cli)
     print(f"report: {report}")
 
 
@@ -115,8 +118,27 @@ class SaveConfigBesideLogs(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+class AbelCLI(LightningCLI):
+    """Lightning's CLI, with the checks that must come before any model or data module is built."""
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a GPU config on a machine without one before any model is built: building it first would fetch and
+        load the weights (minutes for a 7B model) only for the Trainer to fail."""
+        import torch
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = config.get("trainer", {}).get("accelerator")
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            files = [str(path) for path in config.get("config") or []]
+            tiny = " or ".join(f"configs/tiny/{Path(file).name}" for file in files) or "a config from configs/tiny/"
+            raise ActionableError(
+                f"{', '.join(files) or 'the command line'}: trainer.accelerator is {accelerator!r} but this machine "
+                f"has no CUDA GPU; use {tiny} (the toy model on a CPU) or add --trainer.accelerator cpu"
+            )
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+    return AbelCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveConfigBesideLogs,
@@ -133,7 +155,9 @@ def _print_help() -> None:
         print(f"  {name:<12} {summary}")
     for name, summary in SUMMARIES.items():
         print(f"  {name:<12} {summary}")
-    print("\n`abel-lightning COMMAND --help` lists a command's options.")
+    print("\n`abel-lightning COMMAND --help` lists a command's options; a config's model options are listed by")
+    print("  abel-lightning fit --config configs/ppo.yaml --model.help abel_lightning.modules.ppo.PPOModule")
+    print("(the model's class_path from the config; --data.help CLASS likewise for the data module).")
     print(f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of a failure that is otherwise reported in one line.")
 
 
@@ -173,11 +197,27 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _hide_known_noise() -> None:
+    """Drop messages of other libraries that are harmless here and say nothing a user can act on, each by its text."""
+    # peft imports bitsandbytes whenever it is installed; on a CPU without the optional `kernels` package it warns
+    # that a CPU 4-bit kernel is missing. Quantization here is for CUDA only (models/loading.py).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "gemm_4bit_forward" not in r.getMessage())
+    # An advertisement Lightning logs at every fit.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    # The pipeline runs each phase through LightningCLI with its own arguments while sys.argv holds the pipeline's.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+    # Deprecations met inside the libraries, not in this code: peft reads transformers' `is_gradient_checkpointing`,
+    # Lightning builds torch's `LeafSpec`.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _hide_known_noise()
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return

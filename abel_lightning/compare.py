@@ -125,6 +125,14 @@ def compare(paths: list[str], out_png: str | None = None, n_bootstrap: int = 100
     return rows
 
 
+def mcnemar_pairs(rows: list[dict]):
+    """Each unordered pair of models of :func:`compare`'s rows once, in row order: ``(model A, model B, test)``, with
+    ``test["only_this"]`` counting the questions only A got right."""
+    for i, row in enumerate(rows):
+        for other in rows[i + 1 :]:
+            yield row["model"], other["model"], row["mcnemar"][other["model"]]
+
+
 def _print_tables(rows: list[dict]) -> None:
     console = Console()
     models = Table(title="accuracy (95% bootstrap interval)")
@@ -144,17 +152,10 @@ def _print_tables(rows: list[dict]) -> None:
     pairs = Table(title="Exact McNemar tests on the questions both answered")
     for column in ("A", "B", "common", "only A", "only B", "p-value"):
         pairs.add_column(column, justify="left" if column in ("A", "B") else "right")
-    for i, row in enumerate(rows):
-        for other in rows[i + 1 :]:
-            test = row["mcnemar"][other["model"]]
-            pairs.add_row(
-                row["model"],
-                other["model"],
-                str(test["n_common"]),
-                str(test["only_this"]),
-                str(test["only_other"]),
-                f"{test['p_value']:.4g}",
-            )
+    for a, b, test in mcnemar_pairs(rows):
+        pairs.add_row(
+            a, b, str(test["n_common"]), str(test["only_this"]), str(test["only_other"]), f"{test['p_value']:.4g}"
+        )
     console.print(pairs)
 
 

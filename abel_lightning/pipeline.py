@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +22,22 @@ from abel_lightning.callbacks.adapter_checkpoint import LAST
 
 log = logging.getLogger(__name__)
 
+# The embedded default's phase configs ship inside the package (a checkout's configs/tiny links here), so that
+# `abel-lightning pipeline` with no arguments runs from any folder, the package installed or not.
+TINY_CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"
+
 
 @dataclass
 class PipelineConfig:
-    """What ``configs/pipeline.yaml`` holds. The defaults are the embedded toy testbed (``configs/tiny/``)."""
+    """What ``configs/pipeline.yaml`` holds. The defaults run the embedded toy testbed (``configs/tiny/``, shipped as
+    ``abel_lightning/configs/tiny/``) with the seed's coherence threshold; ``abel-lightning pipeline`` with no arguments
+    runs ``configs/tiny/pipeline.yaml``, which sets the toy's. ``run_dir`` is relative to the working folder."""
 
     run_dir: str = "runs/tiny"
-    ppo: str = "configs/tiny/ppo.yaml"
-    rollouts: str = "configs/tiny/rollouts.yaml"
-    dpo: str = "configs/tiny/dpo.yaml"
-    eval: str = "configs/tiny/eval.yaml"
+    ppo: str = str(TINY_CONFIGS / "ppo.yaml")
+    rollouts: str = str(TINY_CONFIGS / "rollouts.yaml")
+    dpo: str = str(TINY_CONFIGS / "dpo.yaml")
+    eval: str = str(TINY_CONFIGS / "eval.yaml")
     preference_threshold: float = 0.01
     # Set for the toy testbed: a generated toy dataset (GSM8K format) replaces the phase configs' datasets.
     toy_data: dict | None = field(default_factory=lambda: {"n_train": 2000, "n_test": 200, "seed": 0})
@@ -208,9 +215,12 @@ def _rollout_callback(config_path: str, output: Path) -> dict:
     return _callback("abel_lightning.callbacks.regime_w.RegimeWCollector", output=str(output))
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
-    """Run (or resume) every phase, then write ``report.md``; returns the report's path."""
-    from abel_lightning.cli import lightning_cli
+def run_pipeline(config: PipelineConfig, run_phase: Callable[[list[str]], object]) -> Path:
+    """Run (or resume) every phase, then write ``report.md``; returns the report's path.
+
+    ``run_phase`` runs one Lightning phase from its ``abel-lightning`` arguments (the CLI passes its own, so this
+    module needs nothing of the command's).
+    """
     from abel_lightning.preferences import write_preferences
     from abel_lightning.report import write_report
 
@@ -228,6 +238,6 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if args is None:
             write_preferences(run.rollouts, run.pairs, run.config.preference_threshold)
         else:
-            lightning_cli(args)
+            run_phase(args)
         run.mark_finished(name)
     return write_report(run)

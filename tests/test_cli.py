@@ -57,7 +57,6 @@ def test_preferences_command_writes_pairs_and_prints_both_counts(tmp_path):
         [sys.executable, "-m", "abel_lightning.cli", "preferences", "--rollouts", str(rollouts), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "4 correctness pairs, 1 coherence pairs from 2 questions" in result.stdout

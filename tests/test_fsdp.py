@@ -46,11 +46,12 @@ def test_each_unit_is_a_decoder_layer_or_a_trainable_lora_matrix():
 FSDP_ON_CPU = Path(__file__).with_name("cpu_fsdp.py")
 
 
-def abel_lightning(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The CLI in processes of its own, which can import the CPU FSDP shim."""
+def abel_lightning(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in processes of its own, which can import the CPU FSDP shim. The timeout is a stall guard for a
+    deadlocked process group, not a time limit (a loaded 2-core machine takes minutes)."""
     env = os.environ | {"PYTHONPATH": str(FSDP_ON_CPU.parent), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "abel_lightning.cli", *args, "--trainer.enable_progress_bar", "false"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
 
 
 def run_cli(config: str, strategy: str, out: Path, *args: str) -> Path:
@@ -182,7 +183,6 @@ def test_fsdp_training_on_one_device_refuses_to_start_and_says_what_to_use(tiny_
         str(tmp_path / "adapter"),
         "--trainer.logger.init_args.save_dir",
         str(tmp_path),
-        timeout=300,
     )
     assert run.returncode != 0
     assert "needs 2 or more devices" in run.stderr and "configs/strategy/ddp.yaml" in run.stderr

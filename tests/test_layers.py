@@ -50,11 +50,7 @@ LEVELS: list[dict[str, list[str]]] = [
 
 # Import edges that break the rules today, each with who removes it. The test fails once an edge here is gone, so
 # that the exception is dropped with it.
-KNOWN_EXCEPTIONS = {
-    # cli.py runs the pipeline command and pipeline.py runs each phase through cli.lightning_cli: a cycle
-    # (the newcomer helper's branch takes it apart).
-    ("abel_lightning.pipeline", "abel_lightning.cli"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

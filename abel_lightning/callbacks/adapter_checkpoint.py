@@ -40,8 +40,9 @@ class AdapterCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         if getattr(trainer.lightning_module, "diverged", False):
             return
-        # Every rank takes part (FSDP gathers shards); the strategy writes on rank 0 only.
-        trainer.save_checkpoint(self.dirpath / LAST)
+        # Every rank takes part (FSDP gathers shards); the strategy writes on rank 0 only. The full state (optimizer,
+        # loops, callbacks) is what a resume needs; saying so keeps Lightning from logging that it chose it.
+        trainer.save_checkpoint(self.dirpath / LAST, weights_only=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         if trainer.is_global_zero and not getattr(pl_module, "diverged", False):

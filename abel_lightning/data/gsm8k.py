@@ -13,8 +13,10 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from abel_lightning.answers import extract_gold
+from abel_lightning.data.toy import TOY_DATASET, toy_splits
 from abel_lightning.data.train_order import TrainLoader
 from abel_lightning.distributed import weights_sharded
+from abel_lightning.hub_ids import require_local_exists
 from abel_lightning.jsonl import EmptyJsonlError, JsonlError, iter_numbered_jsonl
 from abel_lightning.prompts import format_prompt
 
@@ -33,7 +35,8 @@ def load_questions(
 ) -> list[dict]:
     """Read a GSM8K-format dataset and return its questions in source order.
 
-    ``dataset`` is a ``.jsonl`` file, a folder holding ``<split>.jsonl``, or a hub id. ``n_samples`` takes a seeded
+    ``dataset`` is a ``.jsonl`` file, a folder holding ``<split>.jsonl``, ``builtin:toy`` (the toy task, generated in
+    memory: 2,000 train and 200 test problems, seed 0) or a hub id. ``n_samples`` takes a seeded
     random subset (the same rows for the same seed, kept in source order).
     """
     rows = list(_read_rows(dataset, split, hub_config))
@@ -65,6 +68,13 @@ def load_questions(
 
 def _read_rows(dataset: str, split: str, hub_config: str):
     """Yield ``(row, (file, line))`` pairs; ``line`` is 1-based, for error messages."""
+    if dataset == TOY_DATASET:
+        splits = toy_splits()
+        if split not in splits:
+            raise ValueError(f"{dataset} has the splits {sorted(splits)}, not {split!r}; set data.init_args.split")
+        for index, row in enumerate(splits[split]):
+            yield row, (f"{dataset}[{split}]", index + 1)
+        return
     path = Path(dataset)
     if path.is_dir():
         path = path / f"{split}.jsonl"
@@ -74,6 +84,8 @@ def _read_rows(dataset: str, split: str, hub_config: str):
         for line, row in iter_numbered_jsonl(path, SOURCE_ROW):
             yield row, (str(path), line)
         return
+    instead = f"give a GSM8K-format .jsonl file, a folder of <split>.jsonl files, {TOY_DATASET} or a hub id"
+    require_local_exists(dataset, "dataset", instead)
     if "/" not in dataset:  # a hub id is "<owner>/<name>"
         raise FileNotFoundError(f"{dataset}: neither a local JSONL file/folder nor a hub dataset id")
     try:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from abel_lightning.jsonl import write_jsonl_atomic
 
+# The dataset name that serves :func:`toy_splits` at their defaults, generated on first use (no file to write first).
+TOY_DATASET = "builtin:toy"
+
 NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Emma"]
 THINGS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "cards", "shells"]
 ITEMS = ["pen", "toy car", "notebook", "ball", "cupcake", "kite"]
@@ -135,13 +138,19 @@ def make_problems(n: int, seed: int) -> list[dict]:
     return [{"question": q, "answer": a} for q, a in problems.items()]
 
 
-def write_toy_dataset(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` (GSM8K columns, no question in both) and return their paths.
+def toy_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    """The ``train`` and ``test`` splits (GSM8K rows, no question in both): ``builtin:toy`` as a dataset name.
 
     The test split is drawn first, so it depends only on ``n_test`` and ``seed``, whatever ``n_train`` is.
     """
     problems = make_problems(n_test + n_train, seed)
-    paths = {"train": Path(out_dir) / "train.jsonl", "test": Path(out_dir) / "test.jsonl"}
-    write_jsonl_atomic(paths["test"], problems[:n_test])
-    write_jsonl_atomic(paths["train"], problems[n_test:])
+    return {"train": problems[n_test:], "test": problems[:n_test]}
+
+
+def write_toy_dataset(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
+    """Write :func:`toy_splits` as ``train.jsonl`` and ``test.jsonl`` and return their paths."""
+    paths = {}
+    for split, rows in toy_splits(n_train, n_test, seed).items():
+        paths[split] = Path(out_dir) / f"{split}.jsonl"
+        write_jsonl_atomic(paths[split], rows)
     return paths

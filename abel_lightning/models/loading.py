@@ -166,7 +166,11 @@ def check_adapter_folder(adapter: str) -> None:
     """Refuse an adapter that PEFT would otherwise send to the hub or fail on with a bare parser error: a local path
     that does not exist, a folder without ``adapter_config.json`` or without weights, a config that is not JSON.
     A hub id (no such local folder, ``owner/name``) passes."""
-    require_local_exists(adapter, "adapter folder", "point model.adapter at a saved PEFT adapter folder, or null")
+    require_local_exists(
+        adapter,
+        "adapter folder",
+        "run the phase that writes it first, or point model.init_args.adapter at a saved PEFT adapter folder (or null)",
+    )
     folder = Path(adapter)
     if not folder.exists():
         return
