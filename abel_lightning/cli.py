@@ -224,7 +224,33 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in EXTRA_COMMANDS:
         report_known_failures(lambda: EXTRA_COMMANDS[argv[0]](argv[1:]), debug)
         return
-    report_known_failures(lambda: lightning_cli(argv), debug)
+    try:
+        report_known_failures(lambda: lightning_cli(argv), debug)
+    except SystemExit:
+        hint = _component_help_hint(argv)
+        if hint:
+            print(hint)
+        raise
+
+
+def _component_help_hint(argv: list[str]) -> str | None:
+    """After ``--help`` with configs: the commands that list the options of the configs' model and data classes, which
+    Lightning's help leaves out in subclass mode (it shows only their class_path)."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    import yaml
+
+    classes = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config" and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            for key in ("model", "data"):
+                if isinstance(config.get(key), dict) and "class_path" in config[key]:
+                    classes[key] = config[key]["class_path"]
+    if not classes:
+        return None
+    lines = [f"  abel-lightning {argv[0]} --{key}.help {path}" for key, path in classes.items()]
+    return "\nThe options of the config's classes (not listed above):\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

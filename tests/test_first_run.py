@@ -132,3 +132,13 @@ def test_the_embedded_default_runs_from_an_empty_folder_with_the_package_install
     # The embedded default exercises the coherence path too (4 pairs at seed 0: docs/TOY.md).
     coherence = re.search(r"(\d+) coherence \(coherence: a reward gap above 0.001\)", report)
     assert coherence and int(coherence.group(1)) > 0, report
+
+
+def test_help_with_a_config_ends_with_the_commands_that_list_its_classes_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/ppo.yaml"), "--help"])
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(
+        "abel-lightning fit --model.help abel_lightning.modules.ppo.PPOModule\n"
+        "  abel-lightning fit --data.help abel_lightning.data.gsm8k.GSM8KDataModule"
+    )
