@@ -84,6 +84,17 @@ def _logger(run: Run, name: str) -> dict:
     return _callback("lightning.pytorch.loggers.CSVLogger", save_dir=str(run.logs), name=name, version=0)
 
 
+def _training_trainer(run: Run, name: str, adapter: Path, config_path: str) -> dict:
+    """A training phase's trainer override: its CSV logs under the run, its adapter saved to ``adapter`` at the phase
+    config's own checkpoint interval."""
+    checkpoint = _callback(
+        "abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
+        dirpath=str(adapter),
+        save_every=_save_every(config_path),
+    )
+    return {"logger": _logger(run, name), "callbacks": [checkpoint]}
+
+
 def _data_override(run: Run, split: str) -> dict:
     return {"data": {"init_args": {"dataset": str(run.toy_dir), "split": split}}} if run.config.toy_data else {}
 
@@ -104,21 +115,7 @@ def phases(run: Run) -> list[tuple[str, list[str] | None]]:
     cfg = run.config
     resume = lambda adapter: ["--ckpt_path", str(adapter / LAST)] if (adapter / LAST).exists() else []  # noqa: E731
 
-    ppo = _merge(
-        {
-            "trainer": {
-                "logger": _logger(run, "ppo"),
-                "callbacks": [
-                    _callback(
-                        "abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
-                        dirpath=str(run.ppo_adapter),
-                        save_every=_save_every(cfg.ppo),
-                    )
-                ],
-            }
-        },
-        _data_override(run, "train"),
-    )
+    ppo = _merge({"trainer": _training_trainer(run, "ppo", run.ppo_adapter, cfg.ppo)}, _data_override(run, "train"))
     rollouts = _merge(
         {
             "model": {"init_args": {"adapter": str(run.ppo_adapter)}},
@@ -129,16 +126,7 @@ def phases(run: Run) -> list[tuple[str, list[str] | None]]:
     dpo = {
         "model": {"init_args": {"adapter": str(run.ppo_adapter)}},
         "data": {"init_args": {"pairs": str(run.pairs), "rollouts": str(run.rollouts)}},
-        "trainer": {
-            "logger": _logger(run, "dpo"),
-            "callbacks": [
-                _callback(
-                    "abel_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
-                    dirpath=str(run.dpo_adapter),
-                    save_every=_save_every(cfg.dpo),
-                )
-            ],
-        },
+        "trainer": _training_trainer(run, "dpo", run.dpo_adapter, cfg.dpo),
     }
     evaluation = lambda adapter: _merge(  # noqa: E731
         {
