@@ -94,6 +94,9 @@ def decode(args) -> None:
     path = materialize(args.model)
     tokenizer = load_tokenizer(path)
     model = get_peft_model(load_base(path, "bfloat16").cuda(), LoraSettings().to_peft()).eval().merge_and_unload()
+    engine = engine_module.decode_engine(model)
+    engine.attention = args.attention
+    split_kv = engine.attends_split_kv(torch.device("cuda"))
     questions = args.rows // args.samples
     prompts = prompts_of(tokenizer, questions, args.prompt_tokens)
     width = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
@@ -121,7 +124,9 @@ def decode(args) -> None:
     weight_bytes, slot_bytes = decode_bytes(model)
     slots = range(width + short - 1, width + long - 1)  # the cache slot each measured step writes
     context = sum(s + 1 for s in slots) / len(slots)
-    read = sum(engine_module._bucket(s) for s in slots) / len(slots)  # slots attention reads: its whole bucket
+    # Slots attention reads a row: SDPA its whole bucket; split-KV those in use (from the prompt's first block).
+    bucket = args.kv_bucket
+    read = context if split_kv else sum((s // bucket + 1) * bucket for s in slots) / len(slots)
     bandwidth, peak = copy_bandwidth(), matmul_tflops()
     kv_bytes = slot_bytes * args.rows * read
     roofline = decode_roofline(model, args.rows, context, bandwidth, peak)
@@ -131,7 +136,8 @@ def decode(args) -> None:
         f"({read:.0f} slots a row, {context:.0f} in use)",
     }
     print(
-        f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, KV bucket {args.kv_bucket}; "
+        f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, attention "
+        f"{'split-KV' if split_kv else f'SDPA over KV buckets of {args.kv_bucket}'}; "
         f"device-to-device copy {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}"
     )
     print_table(per_step, wall, work, top, long)
@@ -223,7 +229,8 @@ def main() -> None:
         default=128,
         help="measured steps; the defaults center them on the rollout bench's mean context (160 + 256 / 2 tokens)",
     )
-    p.add_argument("--kv-bucket", type=int, default=128)
+    p.add_argument("--kv-bucket", type=int, default=128, help="with SDPA: slots a step's attention reads, rounded up")
+    p.add_argument("--attention", choices=["auto", "split_kv", "sdpa"], default="auto", help="DecodeEngine.attention")
     p.set_defaults(fn=decode)
     p = sub.add_parser("dpo")
     p.add_argument("--model", default="mistral-7b-random")

@@ -1,10 +1,12 @@
 """Phase 2 rollout throughput: plain ``model.generate`` on the PEFT model with the adapter unmerged (the baseline),
 then the project's ``generate`` on the merged model with each decoder: Hugging Face's ``model.generate``, the static
-decode engine replaying CUDA graphs, and the same engine run eagerly. All in one process, each warmed up by one
+decode engine replaying CUDA graphs (its attention by SDPA over KV buckets, then as it runs by default: split-KV on a
+GPU), and the same engine run eagerly. All in one process, each warmed up by one
 untimed call (the first call of a process runs 3-4x slower; the engine captures its graphs in it).
 
     python bench/rollout.py --model mistral-7b-random --questions 64 --samples 8 --new-tokens 256
-    python bench/rollout.py --paths arms     # only the single-setting engine run against Regime W's 8 arms
+    python bench/rollout.py --paths arms       # only the single-setting engine run against Regime W's 8 arms
+    python bench/rollout.py --paths attention  # only the engine with SDPA over KV buckets against split-KV
 
 Regime W's arms (issue 18): "one setting" is the engine on k samples per prompt at temperature 0.7, top_p 0.95 (the
 seed's single setting); "8 arms" decodes the same rows as ``PolicyModule`` does with the shipped
@@ -63,9 +65,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=160)
     parser.add_argument(
         "--paths",
-        choices=["all", "arms"],
+        choices=["all", "arms", "attention"],
         default="all",
-        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine)",
+        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine); attention: the "
+        "engine with SDPA over KV buckets against split-KV attention",
     )
     args = parser.parse_args()
 
@@ -103,8 +106,9 @@ def main() -> None:
         groups = generate(merged, tokenizer, rows_prompts, per_row, 1)
         assert sum(len(c.response_ids) for group in groups for c in group) >= 0.98 * tokens, "rows ended early"
 
-    def ours(**decoder):
+    def ours(attention="auto", **decoder):
         def run():
+            decode_engine(merged).attention = attention
             groups = generate(merged, tokenizer, prompts, SamplingSettings(**settings, **decoder), args.samples)
             # Every row decodes the full length (min_new_tokens); a random model can still draw the pad token, after
             # which the completion is cut, so allow a few tokens short.
@@ -123,8 +127,14 @@ def main() -> None:
     merged = model.merge_and_unload()
     if args.paths == "all":
         measure("abel-lightning `generate`, merged LoRA, engine hf (`model.generate`)", ours(engine="hf"))
+    if args.paths == "all" or args.paths == "attention":
+        measure(
+            "abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, SDPA over KV buckets",
+            ours(engine="static", attention="sdpa"),
+        )
     measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, one setting", ours(engine="static"))
-    measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, 8 arms in one batch", arms)
+    if args.paths != "attention":
+        measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, 8 arms in one batch", arms)
     if args.paths == "all":
         measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
     capture_s = decode_engine(merged).capture_seconds
@@ -135,7 +145,8 @@ def main() -> None:
     roofline = decode_roofline(merged, rows, mean_context, bandwidth, peak)
     limit = rows / roofline["step"]
 
-    # The ratio is to the first path measured: plain generate, or with --paths arms the one-setting engine run.
+    # The ratio is to the first path measured: plain generate, with --paths arms the one-setting engine run, with
+    # --paths attention the engine with SDPA.
     baseline = tokens / next(iter(seconds.values()))
     print("\n| path | questions/s | tokens/s | ratio | % of roofline | warm-up call s |")
     print("|---|---|---|---|---|---|")

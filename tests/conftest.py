@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's kernels (the decode engine's split-KV attention) then run on CPU tensors in its interpreter, so the
+    # tests check them here too. Read when Triton is imported, which nothing has done yet: torch does not import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,5 +1,7 @@
 """The static decode engine against Hugging Face's ``model.generate``, on tiny random models. On the CPU the engine
-runs its decode step eagerly; where a GPU is present the device tests run there too, replaying CUDA graphs."""
+runs its decode step eagerly; where a GPU is present the device tests run there too, replaying CUDA graphs. The tests
+marked with ``attention`` run with SDPA and with the split-KV kernel (on the CPU in Triton's interpreter, which
+``conftest.py`` switches on where there is no GPU)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import torch
 from peft import get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from abel_lightning.models.decode_attention import triton
 from abel_lightning.models.decode_engine import decode_engine, sample_tokens
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings
 from abel_lightning.models.tiny import build_tokenizer, random_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ATTENTIONS = ["sdpa"] + (["split_kv"] if triton is not None else [])
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
     "A",
@@ -41,14 +45,22 @@ def eos_prone(model, tokenizer, prompts: list[str], steps: int = 12):
     return model
 
 
+def attending_with(model, attention: str):
+    """``model``, its decode engine set to attend with ``attention``."""
+    decode_engine(model).attention = attention
+    return model
+
+
 def assert_same_completions(ours, theirs):
     assert [[vars(c) for c in group] for group in ours] == [[vars(c) for c in group] for group in theirs]
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset, seed", [("tiny-llama", 0), ("tiny-mistral", 1)])
-def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokenizer, preset, seed, device):
+def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokenizer, preset, seed, device, attention):
     model = eos_prone(random_model(preset, tokenizer, seed=seed, device=device).eval(), tokenizer, PROMPTS)
+    attending_with(model, attention)
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=24)
     ours = generate(model, tokenizer, PROMPTS, SamplingSettings(**{**vars(greedy), "engine": "static"}))
     theirs = generate(model, tokenizer, PROMPTS, SamplingSettings(**{**vars(greedy), "engine": "hf"}))
@@ -63,9 +75,10 @@ def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokeni
     assert len({len(group[0].response_ids) for group in ours}) > 1
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_equals_hf_with_stop_strings_and_a_peft_adapter_unmerged(tokenizer, device):
-    base = random_model("tiny-llama", tokenizer, seed=2, device=device)
+def test_generate_equals_hf_with_stop_strings_and_a_peft_adapter_unmerged(tokenizer, device, attention):
+    base = attending_with(random_model("tiny-llama", tokenizer, seed=2, device=device), attention)
     model = get_peft_model(base, LoraSettings(r=4).to_peft()).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -191,9 +204,11 @@ def test_refuses_what_it_cannot_decode_exactly(tokenizer):
         decode_engine(llama)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_alone(tokenizer, device):
+def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_alone(tokenizer, device, attention):
     model = eos_prone(random_model("tiny-llama", tokenizer, seed=5, device=device).eval(), tokenizer, PROMPTS)
+    attending_with(model, attention)
     alone = generate(model, tokenizer, PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=16, engine="hf"))
     longest = max(range(len(PROMPTS)), key=lambda i: len(alone[i][0].text))
     text = alone[longest][0].text

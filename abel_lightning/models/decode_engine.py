@@ -8,7 +8,10 @@ Here:
 - the forward is our own, over the model's modules (embeddings, each layer's norms, q/k/v/o projections and MLP, its
   rotary embedding, the final norm, the LM head), so a PEFT LoRA layer, merged or not, or a bitsandbytes Linear works
   as it is;
-- keys and values go to a cache preallocated for ``rows x capacity`` slots; attention reads it through a boolean mask;
+- keys and values go to a cache preallocated for ``rows x capacity`` slots. A decode step's attention reads only
+  each row's slots in use, through :mod:`decode_attention`'s split-KV kernel on a GPU (after one kernel that applies
+  the rotary embedding and writes the step's keys and values), or reads the step's bucket of slots through a boolean
+  mask with SDPA (the CPU, and shapes the kernel does not take);
 - one decode step (forward, sampling, stopping, advancing the positions) reads and writes only preallocated buffers,
   so on a GPU it is captured once per (rows, KV bucket, sampling mode) as a ``torch.cuda.CUDAGraph`` and replayed.
   A bucket is a multiple of ``KV_BUCKET`` slots: early steps attend over a shorter prefix of the cache;
@@ -53,6 +56,7 @@ from abel_lightning.compat import (
     tuner_layer_state,
 )
 from abel_lightning.models.architectures import decodable_model_types, fusable_norms
+from abel_lightning.models.decode_attention import rotate_and_store, split_kv_attention, split_kv_supported
 
 if TYPE_CHECKING:
     from abel_lightning.models.generation import SamplingSettings
@@ -60,8 +64,10 @@ if TYPE_CHECKING:
 # Rotary variants whose module is a pure function of the positions; "dynamic" and "longrope" rescale on the host from
 # the longest position seen, which a graph cannot do and the static cache does not need.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# Cache slots are allocated, and graphs captured, in multiples of this; a step attends over the smallest multiple
-# that holds its context, so early steps read less cache.
+# How decode steps attend over the cache: see DecodeEngine.
+ATTENTION_CHOICES = ("auto", "split_kv", "sdpa")
+# Cache slots are allocated, and SDPA's graphs captured, in multiples of this; with SDPA a step attends over the
+# smallest multiple that holds its context, so early steps read less cache.
 KV_BUCKET = 128
 # The host asks whether every row is done once per this many steps: at most this many steps are wasted at the end.
 CHECK_EVERY = 16
@@ -162,6 +168,7 @@ class _Mode:
     greedy: bool  # every row greedy
     mixed: bool  # some rows greedy, the others sampled (per-row settings)
     nucleus: bool  # some sampled row has top_p < 1
+    split_kv: bool  # attention by decode_attention's kernel, else SDPA over the step's bucket
     eos_ids: tuple[int, ...]
     pad_id: int
     # One matcher per distinct stop-string list, each applying to the rows in ``_Workspace.stop_rows(i)``; compared
@@ -169,9 +176,15 @@ class _Mode:
     stops: tuple[StopStringCriteria, ...]
 
 
-def _bucket(slot: int) -> int:
-    """The cache width a step that writes ``slot`` attends over."""
-    return (slot // KV_BUCKET + 1) * KV_BUCKET
+def _step_width(workspace: _Workspace, mode: _Mode, slot: int) -> int:
+    """The cache width a step that writes ``slot`` attends over (SDPA), or the whole cache (split-KV, which reads
+    only the slots in use whatever the width)."""
+    return workspace.capacity if mode.split_kv else (slot // KV_BUCKET + 1) * KV_BUCKET
+
+
+def _groups(model: PreTrainedModel) -> int:
+    """Query heads per key head."""
+    return model.config.num_attention_heads // model.config.num_key_value_heads
 
 
 class _Workspace:
@@ -184,6 +197,7 @@ class _Workspace:
         self.keys = torch.zeros(layers, rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.key_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+        self.first = torch.zeros(rows, dtype=torch.long, device=device)  # each row's first slot in use
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # the token each row feeds to the next step
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # its position: real tokens before it
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -249,7 +263,11 @@ def _weights_signature(model: nn.Module) -> tuple:
 
 class DecodeEngine:
     """Batched sampling from one model with a static KV cache; see the module docstring. Get it with
-    :func:`decode_engine`, which keeps one per model. ``capture_seconds`` adds up the time spent capturing graphs."""
+    :func:`decode_engine`, which keeps one per model. ``capture_seconds`` adds up the time spent capturing graphs.
+
+    ``attention`` picks how a decode step attends over the cache: ``"auto"`` (split-KV on a GPU with Triton, for
+    head shapes it supports; SDPA otherwise), ``"split_kv"`` or ``"sdpa"``. The benches set it to compare the two.
+    """
 
     def __init__(self, model: PreTrainedModel):
         # A weak reference, so that the engines cache (keyed weakly by the model) lets the model and its cache go.
@@ -258,6 +276,17 @@ class DecodeEngine:
         self._signature: tuple | None = None
         self._stop_criteria: dict[tuple, tuple[object, StopStringCriteria]] = {}
         self.capture_seconds = 0.0
+        self.attention = "auto"
+
+    def attends_split_kv(self, device: torch.device) -> bool:
+        """Whether decode steps on ``device`` attend with :func:`split_kv_attention` (see ``attention``)."""
+        model = self._model()
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention = {self.attention!r}: choose one of {ATTENTION_CHOICES}")
+        supported = split_kv_supported(model.model.layers[0].self_attn.head_dim, _groups(model))
+        if self.attention == "split_kv" and not supported:
+            raise ValueError("attention = 'split_kv' needs Triton and a power-of-two head dimension of at least 16")
+        return self.attention == "split_kv" or (self.attention == "auto" and supported and device.type == "cuda")
 
     def check_context(self, length: int) -> None:
         """Raise ValueError if a prompt width plus new tokens of ``length`` exceeds the model's sliding window: within
@@ -317,14 +346,22 @@ class DecodeEngine:
                 greedy = [s.greedy for s in per_row]
                 nucleus = any(s.top_p < 1 and not s.greedy for s in per_row)
                 mode = _Mode(
-                    all(greedy), any(greedy) and not all(greedy), nucleus, tuple(eos_token_ids), pad_token_id, stops
+                    all(greedy),
+                    any(greedy) and not all(greedy),
+                    nucleus,
+                    self.attends_split_kv(device),
+                    tuple(eos_token_ids),
+                    pad_token_id,
+                    stops,
                 )
                 # Buffers a graph reads are made before any capture, so that none lives in a graph's pool.
                 workspace.eos_ids(mode.eos_ids)
                 for index, stop in enumerate(stops):
                     workspace.window(stop_window(stop))
                     workspace.stop_rows(index)
-                step_widths = {_bucket(slot) for slot in range(width, width + max_new_tokens - 1)}
+                # Split-KV attention finds each row's slots on the device: one graph serves every step.
+                step_width = functools.partial(_step_width, workspace, mode)
+                step_widths = {step_width(slot) for slot in range(width, width + max_new_tokens - 1)}
                 for step_width in sorted(step_widths) if graphs else []:
                     if (rows, step_width, mode) not in workspace.graphs:
                         step = functools.partial(self._step, model, workspace, rows, step_width, mode)
@@ -334,11 +371,10 @@ class DecodeEngine:
                 steps = 1
                 while steps < max_new_tokens:
                     for _ in range(min(CHECK_EVERY, max_new_tokens - steps)):
-                        step_width = _bucket(width + steps - 1)
                         if graphs:
-                            workspace.graphs[(rows, step_width, mode)].replay()
+                            workspace.graphs[(rows, step_width(width + steps - 1), mode)].replay()
                         else:
-                            self._step(model, workspace, rows, step_width, mode)
+                            self._step(model, workspace, rows, step_width(width + steps - 1), mode)
                         steps += 1
                     if bool(workspace.done[:rows].all()):
                         break
@@ -432,17 +468,17 @@ class DecodeEngine:
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - started
 
-    def _forward(self, model: PreTrainedModel, input_ids: Tensor, positions: Tensor, mask: Tensor, store) -> Tensor:
+    def _forward(self, model: PreTrainedModel, input_ids: Tensor, positions: Tensor, attend) -> Tensor:
         """Float32 logits [B, V] at the last position of ``input_ids`` [B, T].
 
-        ``positions`` [B, T] are the RoPE positions, ``mask`` [B, T, K] says which keys each query sees, and
-        ``store(layer, keys, values)`` puts this pass's keys and values [B, G, T, D] in the cache and returns the keys
-        and values [B, G, K, D] to attend over.
+        ``positions`` [B, T] are the RoPE positions, and ``attend(layer, query, keys, values, rotary, scale)``
+        applies the rotary embedding ``rotary`` (cos, sin [B, T, D]) to ``query`` [B, H, T, D] and ``keys``
+        [B, G, T, D], puts this pass's keys and values in the cache and returns the attention of the query over what
+        each query sees, [B, H, T, D].
         """
         body, config = model.model, model.config
         hidden = body.embed_tokens(input_ids)
-        cos, sin = body.rotary_emb(hidden, positions)
-        bias = _attention_bias(mask, config.num_attention_heads // config.num_key_value_heads, hidden.dtype)
+        rotary = body.rotary_emb(hidden, positions)
         for index, layer in enumerate(body.layers[: config.num_hidden_layers]):
             attention = layer.self_attn
             x = _rms_norm(layer.input_layernorm, hidden)
@@ -450,9 +486,7 @@ class DecodeEngine:
             query = attention.q_proj(x).view(shape).transpose(1, 2)
             keys = attention.k_proj(x).view(shape).transpose(1, 2)
             values = attention.v_proj(x).view(shape).transpose(1, 2)
-            query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
-            keys, values = store(index, keys, values)
-            out = _attend(query, keys, values, bias, attention.scaling)
+            out = attend(index, query, keys, values, rotary, attention.scaling)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return model.lm_head(_rms_norm(body.norm, hidden[:, -1:]))[:, -1].float()
@@ -479,14 +513,18 @@ class DecodeEngine:
         # in later layers would poison every row (masked attention still multiplies them by zero).
         mask = causal & (valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=input_ids.device))
 
-        def store(layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        bias = _attention_bias(mask, _groups(model), workspace.keys.dtype)
+
+        def attend(layer: int, query: Tensor, keys: Tensor, values: Tensor, rotary, scale: float) -> Tensor:
+            query, keys = apply_rotary_pos_emb(query, keys, *rotary)
             workspace.keys[layer, :rows, :, :width].copy_(keys.index_select(0, prompt_of_row))
             workspace.values[layer, :rows, :, :width].copy_(values.index_select(0, prompt_of_row))
-            return keys, values
+            return _attend(query, keys, values, bias, scale)
 
-        logits = self._forward(model, input_ids, positions, mask, store).index_select(0, prompt_of_row)
+        logits = self._forward(model, input_ids, positions, attend).index_select(0, prompt_of_row)
         workspace.key_mask[:rows].zero_()
         workspace.key_mask[:rows, :width] = valid.index_select(0, prompt_of_row)
+        workspace.first[:rows] = valid.long().argmax(-1).index_select(0, prompt_of_row)
         workspace.positions[:rows] = attention_mask.sum(-1).index_select(0, prompt_of_row)
         workspace.slot.fill_(width)
         workspace.count.zero_()
@@ -500,17 +538,30 @@ class DecodeEngine:
         self._choose(workspace, rows, logits, mode)
 
     def _step(self, model, workspace: _Workspace, rows: int, width: int, mode: _Mode) -> None:
-        """One token for every row, reading the cache up to ``width`` slots: the body of a captured graph."""
+        """One token for every row, reading the cache up to ``width`` slots (split-KV: each row's slots in use): the
+        body of a captured graph."""
         keys_cache, values_cache = workspace.keys[:, :rows], workspace.values[:, :rows]
-        workspace.key_mask[:rows].index_fill_(1, workspace.slot, True)
+        key_mask = workspace.key_mask[:rows]
+        key_mask.index_fill_(1, workspace.slot, True)
+        bias = None if mode.split_kv else _attention_bias(key_mask[:, None, :width], _groups(model), keys_cache.dtype)
 
-        def store(layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        def attend(layer: int, query: Tensor, keys: Tensor, values: Tensor, rotary, scale: float) -> Tensor:
+            if mode.split_kv:
+                cos, sin = (t[:, 0] for t in rotary)
+                keys_at, values_at = keys_cache[layer], values_cache[layer]
+                query = rotate_and_store(
+                    query[:, :, 0], keys[:, :, 0], values[:, :, 0], cos, sin, keys_at, values_at, workspace.slot
+                )
+                out = split_kv_attention(
+                    query, keys_at, values_at, key_mask, workspace.first[:rows], workspace.slot, scale
+                )
+                return out[:, :, None]
+            query, keys = apply_rotary_pos_emb(query, keys, *rotary)
             keys_cache[layer].index_copy_(2, workspace.slot, keys)
             values_cache[layer].index_copy_(2, workspace.slot, values)
-            return keys_cache[layer, :, :, :width], values_cache[layer, :, :, :width]
+            return _attend(query, keys_cache[layer, :, :, :width], values_cache[layer, :, :, :width], bias, scale)
 
-        mask = workspace.key_mask[:rows, None, :width]
-        logits = self._forward(model, workspace.tokens[:rows, None], workspace.positions[:rows, None], mask, store)
+        logits = self._forward(model, workspace.tokens[:rows, None], workspace.positions[:rows, None], attend)
         workspace.positions[:rows].add_(1)
         workspace.slot.add_(1)
         self._choose(workspace, rows, logits, mode)
