@@ -95,8 +95,8 @@ def decode(args) -> None:
     tokenizer = load_tokenizer(path)
     model = get_peft_model(load_base(path, "bfloat16").cuda(), LoraSettings().to_peft()).eval().merge_and_unload()
     engine = engine_module.decode_engine(model)
-    engine.attention = args.attention
-    split_kv = engine.attends_split_kv(torch.device("cuda"))
+    engine.kernels = args.kernels
+    split_kv = engine.uses_triton(torch.device("cuda"))
     questions = args.rows // args.samples
     prompts = prompts_of(tokenizer, questions, args.prompt_tokens)
     width = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
@@ -137,7 +137,7 @@ def decode(args) -> None:
     }
     print(
         f"\ndecode step, {args.rows} rows, context {context:.0f} tokens on average, attention "
-        f"{'split-KV' if split_kv else f'SDPA over KV buckets of {args.kv_bucket}'}; "
+        f"{'split-KV (Triton)' if split_kv else f'SDPA over KV buckets of {args.kv_bucket}'}; "
         f"device-to-device copy {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}"
     )
     print_table(per_step, wall, work, top, long)
@@ -230,7 +230,7 @@ def main() -> None:
         help="measured steps; the defaults center them on the rollout bench's mean context (160 + 256 / 2 tokens)",
     )
     p.add_argument("--kv-bucket", type=int, default=128, help="with SDPA: slots a step's attention reads, rounded up")
-    p.add_argument("--attention", choices=["auto", "split_kv", "sdpa"], default="auto", help="DecodeEngine.attention")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto", help="DecodeEngine.kernels")
     p.set_defaults(fn=decode)
     p = sub.add_parser("dpo")
     p.add_argument("--model", default="mistral-7b-random")

@@ -1,12 +1,13 @@
 """Phase 2 rollout throughput: plain ``model.generate`` on the PEFT model with the adapter unmerged (the baseline),
 then the project's ``generate`` on the merged model with each decoder: Hugging Face's ``model.generate``, the static
-decode engine replaying CUDA graphs (its attention by SDPA over KV buckets, then as it runs by default: split-KV on a
-GPU), and the same engine run eagerly. All in one process, each warmed up by one
-untimed call (the first call of a process runs 3-4x slower; the engine captures its graphs in it).
+decode engine replaying CUDA graphs (its step with PyTorch's ops, SDPA over KV buckets, then as it runs by default
+on a GPU: ``decode_kernels``' Triton kernels, split-KV attention), and the same engine run eagerly. All in one
+process, each warmed up by one untimed call (the first call of a process runs 3-4x slower; the engine captures its
+graphs in it).
 
     python bench/rollout.py --model mistral-7b-random --questions 64 --samples 8 --new-tokens 256
     python bench/rollout.py --paths arms       # only the single-setting engine run against Regime W's 8 arms
-    python bench/rollout.py --paths attention  # only the engine with SDPA over KV buckets against split-KV
+    python bench/rollout.py --paths kernels    # only the engine's step with PyTorch's ops against Triton's
 
 Regime W's arms (issue 18): "one setting" is the engine on k samples per prompt at temperature 0.7, top_p 0.95 (the
 seed's single setting); "8 arms" decodes the same rows as ``PolicyModule`` does with the shipped
@@ -65,10 +66,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=160)
     parser.add_argument(
         "--paths",
-        choices=["all", "arms", "attention"],
+        choices=["all", "arms", "kernels"],
         default="all",
-        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine); attention: the "
-        "engine with SDPA over KV buckets against split-KV attention",
+        help="all: baseline, every decoder and the arms; arms: one setting against 8 arms (engine); kernels: the "
+        "engine's step with PyTorch's ops against its Triton kernels",
     )
     args = parser.parse_args()
 
@@ -106,9 +107,9 @@ def main() -> None:
         groups = generate(merged, tokenizer, rows_prompts, per_row, 1)
         assert sum(len(c.response_ids) for group in groups for c in group) >= 0.98 * tokens, "rows ended early"
 
-    def ours(attention="auto", **decoder):
+    def ours(kernels="auto", **decoder):
         def run():
-            decode_engine(merged).attention = attention
+            decode_engine(merged).kernels = kernels
             groups = generate(merged, tokenizer, prompts, SamplingSettings(**settings, **decoder), args.samples)
             # Every row decodes the full length (min_new_tokens); a random model can still draw the pad token, after
             # which the completion is cut, so allow a few tokens short.
@@ -127,13 +128,13 @@ def main() -> None:
     merged = model.merge_and_unload()
     if args.paths == "all":
         measure("abel-lightning `generate`, merged LoRA, engine hf (`model.generate`)", ours(engine="hf"))
-    if args.paths == "all" or args.paths == "attention":
+    if args.paths in ("all", "kernels"):
         measure(
-            "abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, SDPA over KV buckets",
-            ours(engine="static", attention="sdpa"),
+            "abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, PyTorch's ops (SDPA over KV buckets)",
+            ours(engine="static", kernels="torch"),
         )
     measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, one setting", ours(engine="static"))
-    if args.paths != "attention":
+    if args.paths != "kernels":
         measure("abel-lightning `generate`, merged LoRA, static engine + CUDA graphs, 8 arms in one batch", arms)
     if args.paths == "all":
         measure("abel-lightning `generate`, merged LoRA, static engine eager", ours(engine="static", cuda_graphs=False))
@@ -146,7 +147,7 @@ def main() -> None:
     limit = rows / roofline["step"]
 
     # The ratio is to the first path measured: plain generate, with --paths arms the one-setting engine run, with
-    # --paths attention the engine with SDPA.
+    # --paths kernels the engine with PyTorch's ops.
     baseline = tokens / next(iter(seconds.values()))
     print("\n| path | questions/s | tokens/s | ratio | % of roofline | warm-up call s |")
     print("|---|---|---|---|---|---|")

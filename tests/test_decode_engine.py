@@ -1,7 +1,7 @@
 """The static decode engine against Hugging Face's ``model.generate``, on tiny random models. On the CPU the engine
 runs its decode step eagerly; where a GPU is present the device tests run there too, replaying CUDA graphs. The tests
-marked with ``attention`` run with SDPA and with the split-KV kernel (on the CPU in Triton's interpreter, which
-``conftest.py`` switches on where there is no GPU)."""
+parametrized by ``kernels`` run the decode step with PyTorch's ops and with the Triton kernels (on the CPU in
+Triton's interpreter, which ``conftest.py`` switches on where there is no GPU)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 from peft import get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from abel_lightning.models.decode_attention import triton
 from abel_lightning.models.decode_engine import decode_engine, sample_tokens
+from abel_lightning.models.decode_kernels import triton
 from abel_lightning.models.generation import SamplingSettings, generate
-from abel_lightning.models.loading import LoraSettings
-from abel_lightning.models.tiny import build_tokenizer, random_model
+from abel_lightning.models.loading import LoraSettings, load_base
+from abel_lightning.models.tiny import build_random_model, build_tokenizer, random_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-ATTENTIONS = ["sdpa"] + (["split_kv"] if triton is not None else [])
+KERNELS = ["torch"] + (["triton"] if triton is not None else [])
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
     "A",
@@ -45,9 +45,9 @@ def eos_prone(model, tokenizer, prompts: list[str], steps: int = 12):
     return model
 
 
-def attending_with(model, attention: str):
-    """``model``, its decode engine set to attend with ``attention``."""
-    decode_engine(model).attention = attention
+def stepping_with(model, kernels: str):
+    """``model``, its decode engine set to run its steps with ``kernels``."""
+    decode_engine(model).kernels = kernels
     return model
 
 
@@ -55,12 +55,12 @@ def assert_same_completions(ours, theirs):
     assert [[vars(c) for c in group] for group in ours] == [[vars(c) for c in group] for group in theirs]
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset, seed", [("tiny-llama", 0), ("tiny-mistral", 1)])
-def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokenizer, preset, seed, device, attention):
+def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokenizer, preset, seed, device, kernels):
     model = eos_prone(random_model(preset, tokenizer, seed=seed, device=device).eval(), tokenizer, PROMPTS)
-    attending_with(model, attention)
+    stepping_with(model, kernels)
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=24)
     ours = generate(model, tokenizer, PROMPTS, SamplingSettings(**{**vars(greedy), "engine": "static"}))
     theirs = generate(model, tokenizer, PROMPTS, SamplingSettings(**{**vars(greedy), "engine": "hf"}))
@@ -75,10 +75,10 @@ def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokeni
     assert len({len(group[0].response_ids) for group in ours}) > 1
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_generate_equals_hf_with_stop_strings_and_a_peft_adapter_unmerged(tokenizer, device, attention):
-    base = attending_with(random_model("tiny-llama", tokenizer, seed=2, device=device), attention)
+def test_generate_equals_hf_with_stop_strings_and_a_peft_adapter_unmerged(tokenizer, device, kernels):
+    base = stepping_with(random_model("tiny-llama", tokenizer, seed=2, device=device), kernels)
     model = get_peft_model(base, LoraSettings(r=4).to_peft()).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -124,6 +124,27 @@ def test_rows_that_emit_eos_get_only_padding_and_the_others_run_on_unchanged(tok
         end = row.index(eos) + 1 if eos in row else len(row)
         assert tokens[:end] == row[:end]
         assert tokens[end:] == [pad] * (len(tokens) - end)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' 4-bit layers decode on a GPU only")
+def test_a_4bit_base_with_lora_decodes_in_cuda_graphs_as_generate_does(tokenizer, tmp_path):
+    """QLoRA sampling: the 4-bit base's decode step is captured (issue 17's goal 3), the LoRA beside it unmerged."""
+    folder = build_random_model("tiny-llama", tmp_path, tokenizer=tokenizer, seed=6)
+    base = load_base(str(folder), "bfloat16", quantization="4bit", device="cuda")
+    model = get_peft_model(base, LoraSettings(r=4).to_peft()).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    settings = {"temperature": 0.0, "max_new_tokens": 20}
+    engine = decode_engine(model)
+    captured = engine.capture_seconds
+    graphs = generate(model, tokenizer, PROMPTS, SamplingSettings(**settings, engine="static"))
+    assert engine.capture_seconds > captured, "the 4-bit decode step was not captured"
+    eager = generate(model, tokenizer, PROMPTS, SamplingSettings(**settings, engine="static", cuda_graphs=False))
+    theirs = generate(model, tokenizer, PROMPTS, SamplingSettings(**settings, engine="hf"))
+    assert_same_completions(graphs, eager)
+    assert_same_completions(graphs, theirs)
 
 
 def test_min_new_tokens_keeps_eos_out_until_then(tokenizer):
@@ -204,11 +225,11 @@ def test_refuses_what_it_cannot_decode_exactly(tokenizer):
         decode_engine(llama)
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_alone(tokenizer, device, attention):
+def test_rows_of_different_lengths_and_stop_strings_decode_in_one_batch_as_each_alone(tokenizer, device, kernels):
     model = eos_prone(random_model("tiny-llama", tokenizer, seed=5, device=device).eval(), tokenizer, PROMPTS)
-    attending_with(model, attention)
+    stepping_with(model, kernels)
     alone = generate(model, tokenizer, PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=16, engine="hf"))
     longest = max(range(len(PROMPTS)), key=lambda i: len(alone[i][0].text))
     text = alone[longest][0].text

@@ -9,9 +9,9 @@ Here:
   rotary embedding, the final norm, the LM head), so a PEFT LoRA layer, merged or not, or a bitsandbytes Linear works
   as it is;
 - keys and values go to a cache preallocated for ``rows x capacity`` slots. A decode step's attention reads only
-  each row's slots in use, through :mod:`decode_attention`'s split-KV kernel on a GPU (after one kernel that applies
-  the rotary embedding and writes the step's keys and values), or reads the step's bucket of slots through a boolean
-  mask with SDPA (the CPU, and shapes the kernel does not take);
+  each row's slots in use, through :mod:`decode_kernels`' split-KV kernel on a GPU (which also fuses the rotary
+  embedding with the cache write, and each residual add with the norm after it), or reads the step's bucket of
+  slots through a boolean mask with SDPA (the CPU, and shapes the kernels do not take);
 - one decode step (forward, sampling, stopping, advancing the positions) reads and writes only preallocated buffers,
   so on a GPU it is captured once per (rows, KV bucket, sampling mode) as a ``torch.cuda.CUDAGraph`` and replayed.
   A bucket is a multiple of ``KV_BUCKET`` slots: early steps attend over a shorter prefix of the cache;
@@ -56,7 +56,7 @@ from abel_lightning.compat import (
     tuner_layer_state,
 )
 from abel_lightning.models.architectures import decodable_model_types, fusable_norms
-from abel_lightning.models.decode_attention import rotate_and_store, split_kv_attention, split_kv_supported
+from abel_lightning.models.decode_kernels import add_rms_norm, kernels_supported, rotate_and_store, split_kv_attention
 
 if TYPE_CHECKING:
     from abel_lightning.models.generation import SamplingSettings
@@ -64,8 +64,8 @@ if TYPE_CHECKING:
 # Rotary variants whose module is a pure function of the positions; "dynamic" and "longrope" rescale on the host from
 # the longest position seen, which a graph cannot do and the static cache does not need.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# How decode steps attend over the cache: see DecodeEngine.
-ATTENTION_CHOICES = ("auto", "split_kv", "sdpa")
+# What runs a decode step's attention, rotary embedding, residual adds and norms: see DecodeEngine.
+KERNEL_CHOICES = ("auto", "triton", "torch")
 # Cache slots are allocated, and SDPA's graphs captured, in multiples of this; with SDPA a step attends over the
 # smallest multiple that holds its context, so early steps read less cache.
 KV_BUCKET = 128
@@ -131,6 +131,15 @@ def sample_tokens(
     return drawn if best is None else torch.where(greedy_rows, best, drawn)
 
 
+def _add_rms_norm(hidden: Tensor, delta: Tensor, norm: nn.Module, kernels: bool) -> tuple[Tensor, Tensor]:
+    """``hidden + delta`` and ``norm`` of it: one Triton kernel with ``kernels`` (for the RMSNorms it knows), else
+    PyTorch's ops."""
+    if kernels and type(norm).__name__ in fusable_norms():
+        return add_rms_norm(hidden, delta, norm.weight, rms_norm_eps(norm))
+    hidden = hidden + delta
+    return hidden, _rms_norm(norm, hidden)
+
+
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(x)`` for the RMSNorm of Llama, Mistral and Qwen2 (``weight * (x / rms(x))``, in float32 then cast back)
     in one fused kernel instead of their eight small ones: a decode step runs 65 norms, and at these sizes each kernel
@@ -168,7 +177,7 @@ class _Mode:
     greedy: bool  # every row greedy
     mixed: bool  # some rows greedy, the others sampled (per-row settings)
     nucleus: bool  # some sampled row has top_p < 1
-    split_kv: bool  # attention by decode_attention's kernel, else SDPA over the step's bucket
+    kernels: bool  # the step runs decode_kernels' Triton kernels (split-KV attention), else PyTorch's (SDPA)
     eos_ids: tuple[int, ...]
     pad_id: int
     # One matcher per distinct stop-string list, each applying to the rows in ``_Workspace.stop_rows(i)``; compared
@@ -177,9 +186,9 @@ class _Mode:
 
 
 def _step_width(workspace: _Workspace, mode: _Mode, slot: int) -> int:
-    """The cache width a step that writes ``slot`` attends over (SDPA), or the whole cache (split-KV, which reads
-    only the slots in use whatever the width)."""
-    return workspace.capacity if mode.split_kv else (slot // KV_BUCKET + 1) * KV_BUCKET
+    """The cache width a step that writes ``slot`` attends over (SDPA), or the whole cache (split-KV attention, which
+    reads only the slots in use whatever the width)."""
+    return workspace.capacity if mode.kernels else (slot // KV_BUCKET + 1) * KV_BUCKET
 
 
 def _groups(model: PreTrainedModel) -> int:
@@ -251,6 +260,15 @@ def _refusal(model: PreTrainedModel) -> str | None:
     return None
 
 
+def _capturable(model: PreTrainedModel) -> bool:
+    """Whether a decode step of ``model`` can be captured as a CUDA graph: bitsandbytes' 4-bit layers dequantize and
+    multiply on the device, LLM.int8's outlier decomposition picks columns on the host."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return True
+    return bool(config.get("load_in_4bit") if isinstance(config, dict) else getattr(config, "load_in_4bit", False))
+
+
 def _weights_signature(model: nn.Module) -> tuple:
     """What a captured graph depends on besides the weights' values: where each parameter lives, how each PEFT layer
     computes (merged, adapters disabled, which adapters are active), and train/eval mode."""
@@ -265,8 +283,10 @@ class DecodeEngine:
     """Batched sampling from one model with a static KV cache; see the module docstring. Get it with
     :func:`decode_engine`, which keeps one per model. ``capture_seconds`` adds up the time spent capturing graphs.
 
-    ``attention`` picks how a decode step attends over the cache: ``"auto"`` (split-KV on a GPU with Triton, for
-    head shapes it supports; SDPA otherwise), ``"split_kv"`` or ``"sdpa"``. The benches set it to compare the two.
+    ``kernels`` picks what runs a decode step around the matrix products: ``"triton"``, :mod:`decode_kernels`
+    (split-KV attention over each row's slots in use, the rotary embedding with the cache write, the residual adds
+    with the norms); ``"torch"``, PyTorch's ops (SDPA over the step's bucket of slots); ``"auto"``, Triton on a GPU
+    for the head shapes it takes, else PyTorch. The benches set it to compare the two.
     """
 
     def __init__(self, model: PreTrainedModel):
@@ -276,17 +296,17 @@ class DecodeEngine:
         self._signature: tuple | None = None
         self._stop_criteria: dict[tuple, tuple[object, StopStringCriteria]] = {}
         self.capture_seconds = 0.0
-        self.attention = "auto"
+        self.kernels = "auto"
 
-    def attends_split_kv(self, device: torch.device) -> bool:
-        """Whether decode steps on ``device`` attend with :func:`split_kv_attention` (see ``attention``)."""
+    def uses_triton(self, device: torch.device) -> bool:
+        """Whether decode steps on ``device`` run :mod:`decode_kernels`' kernels (see ``kernels``)."""
         model = self._model()
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention = {self.attention!r}: choose one of {ATTENTION_CHOICES}")
-        supported = split_kv_supported(model.model.layers[0].self_attn.head_dim, _groups(model))
-        if self.attention == "split_kv" and not supported:
-            raise ValueError("attention = 'split_kv' needs Triton and a power-of-two head dimension of at least 16")
-        return self.attention == "split_kv" or (self.attention == "auto" and supported and device.type == "cuda")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels = {self.kernels!r}: choose one of {KERNEL_CHOICES}")
+        supported = kernels_supported(model.model.layers[0].self_attn.head_dim, _groups(model))
+        if self.kernels == "triton" and not supported:
+            raise ValueError("kernels = 'triton' needs Triton and a power-of-two head dimension of at least 16")
+        return self.kernels == "triton" or (self.kernels == "auto" and supported and device.type == "cuda")
 
     def check_context(self, length: int) -> None:
         """Raise ValueError if a prompt width plus new tokens of ``length`` exceeds the model's sliding window: within
@@ -337,7 +357,7 @@ class DecodeEngine:
         max_new_tokens = max(s.max_new_tokens for s in per_row)
         stop_lists = list(dict.fromkeys(tuple(s.stop_strings) for s in per_row if s.stop_strings))
         stops = tuple(self._stop_criterion(tokenizer, list(strings), device) for strings in stop_lists)
-        graphs = cuda_graphs and device.type == "cuda" and getattr(model.config, "quantization_config", None) is None
+        graphs = cuda_graphs and device.type == "cuda" and _capturable(model)
         try:
             # Autocast off: the weights carry their dtypes already, and autocast's weight-cast cache must not be used
             # by a graph capture (PyTorch documents it as unsafe).
@@ -349,7 +369,7 @@ class DecodeEngine:
                     all(greedy),
                     any(greedy) and not all(greedy),
                     nucleus,
-                    self.attends_split_kv(device),
+                    self.uses_triton(device),
                     tuple(eos_token_ids),
                     pad_token_id,
                     stops,
@@ -468,28 +488,31 @@ class DecodeEngine:
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - started
 
-    def _forward(self, model: PreTrainedModel, input_ids: Tensor, positions: Tensor, attend) -> Tensor:
+    def _forward(self, model: PreTrainedModel, input_ids: Tensor, positions: Tensor, attend, kernels: bool) -> Tensor:
         """Float32 logits [B, V] at the last position of ``input_ids`` [B, T].
 
         ``positions`` [B, T] are the RoPE positions, and ``attend(layer, query, keys, values, rotary, scale)``
         applies the rotary embedding ``rotary`` (cos, sin [B, T, D]) to ``query`` [B, H, T, D] and ``keys``
         [B, G, T, D], puts this pass's keys and values in the cache and returns the attention of the query over what
-        each query sees, [B, H, T, D].
+        each query sees, [B, H, T, D]. ``kernels``: residual adds and norms by :func:`add_rms_norm`.
         """
         body, config = model.model, model.config
         hidden = body.embed_tokens(input_ids)
         rotary = body.rotary_emb(hidden, positions)
-        for index, layer in enumerate(body.layers[: config.num_hidden_layers]):
+        layers = body.layers[: config.num_hidden_layers]
+        x = _rms_norm(layers[0].input_layernorm, hidden)
+        for index, layer in enumerate(layers):
             attention = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, hidden)
             shape = (*x.shape[:2], -1, attention.head_dim)
             query = attention.q_proj(x).view(shape).transpose(1, 2)
             keys = attention.k_proj(x).view(shape).transpose(1, 2)
             values = attention.v_proj(x).view(shape).transpose(1, 2)
             out = attend(index, query, keys, values, rotary, attention.scaling)
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
-        return model.lm_head(_rms_norm(body.norm, hidden[:, -1:]))[:, -1].float()
+            out = attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+            hidden, x = _add_rms_norm(hidden, out, layer.post_attention_layernorm, kernels)
+            following = layers[index + 1].input_layernorm if index + 1 < len(layers) else body.norm
+            hidden, x = _add_rms_norm(hidden, layer.mlp(x), following, kernels)
+        return model.lm_head(x[:, -1:])[:, -1].float()
 
     def _prefill(self, model, workspace, input_ids, attention_mask, samples_per_question, mode: _Mode) -> None:
         """Run the prompts, fill the cache rows of their samples, reset the decoding state and take the first token.
@@ -521,7 +544,7 @@ class DecodeEngine:
             workspace.values[layer, :rows, :, :width].copy_(values.index_select(0, prompt_of_row))
             return _attend(query, keys, values, bias, scale)
 
-        logits = self._forward(model, input_ids, positions, attend).index_select(0, prompt_of_row)
+        logits = self._forward(model, input_ids, positions, attend, kernels=False).index_select(0, prompt_of_row)
         workspace.key_mask[:rows].zero_()
         workspace.key_mask[:rows, :width] = valid.index_select(0, prompt_of_row)
         workspace.first[:rows] = valid.long().argmax(-1).index_select(0, prompt_of_row)
@@ -543,10 +566,10 @@ class DecodeEngine:
         keys_cache, values_cache = workspace.keys[:, :rows], workspace.values[:, :rows]
         key_mask = workspace.key_mask[:rows]
         key_mask.index_fill_(1, workspace.slot, True)
-        bias = None if mode.split_kv else _attention_bias(key_mask[:, None, :width], _groups(model), keys_cache.dtype)
+        bias = None if mode.kernels else _attention_bias(key_mask[:, None, :width], _groups(model), keys_cache.dtype)
 
         def attend(layer: int, query: Tensor, keys: Tensor, values: Tensor, rotary, scale: float) -> Tensor:
-            if mode.split_kv:
+            if mode.kernels:
                 cos, sin = (t[:, 0] for t in rotary)
                 keys_at, values_at = keys_cache[layer], values_cache[layer]
                 query = rotate_and_store(
@@ -561,7 +584,8 @@ class DecodeEngine:
             values_cache[layer].index_copy_(2, workspace.slot, values)
             return _attend(query, keys_cache[layer, :, :, :width], values_cache[layer, :, :, :width], bias, scale)
 
-        logits = self._forward(model, workspace.tokens[:rows, None], workspace.positions[:rows, None], attend)
+        tokens, positions = workspace.tokens[:rows, None], workspace.positions[:rows, None]
+        logits = self._forward(model, tokens, positions, attend, mode.kernels)
         workspace.positions[:rows].add_(1)
         workspace.slot.add_(1)
         self._choose(workspace, rows, logits, mode)

@@ -1,16 +1,19 @@
-"""Attention of one new token per row over the decode engine's static KV cache, reading only the slots each row uses.
+"""The Triton kernels of the decode engine's step: attention of one new token per row over the static KV cache,
+reading only the slots each row uses; the rotary embedding and cache write before it; the residual add and RMSNorm
+around it.
 
 ``scaled_dot_product_attention`` over the cache reads every row's whole bucket of slots, left padding and unused tail
-included (issue 17's profile: 353 slots read a row for 290 in use, at 2.3 TB/s). Here a Triton kernel starts each
-row at its first real key and stops at the slot just written, and splits that range over several programs when rows
-alone would leave the GPU idle (flash-decoding): each program keeps a running softmax over its chunk, and a second
-kernel merges the chunks by their log-sum-exp. The range's end is read on the device, so one launch serves every step
-of a captured CUDA graph.
+included (issue 17's profile: 353 slots read a row for 290 in use, at 2.3 TB/s). :func:`split_kv_attention` starts
+each row at its first real key and stops at the slot just written, and splits that range over several programs when
+rows alone would leave the GPU idle (flash-decoding): each program keeps a running softmax over its chunk, and a
+second kernel merges the chunks by their log-sum-exp. The range's end is read on the device, so one launch serves
+every step of a captured CUDA graph. The other two replace about a dozen and four small PyTorch kernels each, which at
+decode sizes cost their launch more than their bytes.
 
 With ``TRITON_INTERPRET=1`` in the environment before Triton is imported, the kernels run on CPU tensors in Triton's
 interpreter: slow, but the same arithmetic, which is how the tests check them on a machine without a GPU. Without
-Triton (PyTorch's CUDA wheels bring it, its CPU wheels do not) :func:`split_kv_supported` is False and the engine
-keeps SDPA.
+Triton (PyTorch's CUDA wheels bring it, its CPU wheels do not) :func:`kernels_supported` is False and the engine
+keeps PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ MAX_SPLITS = 16
 PROGRAMS_PER_SM = 4
 
 
-def split_kv_supported(head_dim: int, groups: int) -> bool:
-    """Whether the kernel handles this shape: Triton's ``tl.dot`` and ``tl.arange`` want a power-of-two head
+def kernels_supported(head_dim: int, groups: int) -> bool:
+    """Whether the kernels handle this attention shape: Triton's ``tl.dot`` and ``tl.arange`` want a power-of-two head
     dimension of at least 16, and the query heads of one key head fit one tile of at most 64 rows."""
     return triton is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and groups <= 64
 
@@ -256,6 +259,49 @@ def rotate_and_store(
         HALF=head_dim // 2,
     )
     return rotated
+
+
+@_jit
+def _add_rms_norm_kernel(
+    hidden, delta, weight, summed, normed, stride_h, stride_d, stride_s, stride_n, size, eps, BLOCK: tl.constexpr
+):
+    """One row: ``summed = hidden + delta`` rounded to the hidden dtype, then ``weight * rms_norm(summed)`` with the
+    normalised value rounded to that dtype before the weight multiplies it, as Llama's RMSNorm rounds."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    inside = c < size
+    x = tl.load(hidden + row * stride_h + c, mask=inside, other=0).to(tl.float32)
+    x += tl.load(delta + row * stride_d + c, mask=inside, other=0).to(tl.float32)
+    x = x.to(summed.dtype.element_ty)
+    tl.store(summed + row * stride_s + c, x, mask=inside)
+    x = x.to(tl.float32)
+    unit = (x * tl.rsqrt(tl.sum(x * x, 0) / size + eps)).to(summed.dtype.element_ty)
+    w = tl.load(weight + c, mask=inside, other=0).to(tl.float32)
+    tl.store(normed + row * stride_n + c, (w * unit.to(tl.float32)).to(normed.dtype.element_ty), mask=inside)
+
+
+def add_rms_norm(hidden: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``hidden + delta`` and Llama's RMSNorm of it with ``weight``, in one kernel: ``hidden``/``delta`` [..., H]
+    (same shape and dtype), ``weight`` [H]. Returns (the sum, its norm), both in ``hidden``'s dtype."""
+    shape, size = hidden.shape, hidden.shape[-1]
+    rows = hidden.numel() // size
+    hidden, delta = hidden.reshape(rows, size), delta.reshape(rows, size)
+    summed, normed = torch.empty_like(hidden), torch.empty_like(hidden)
+    _add_rms_norm_kernel[(rows,)](
+        hidden,
+        delta,
+        weight,
+        summed,
+        normed,
+        hidden.stride(0),
+        delta.stride(0),
+        summed.stride(0),
+        normed.stride(0),
+        size,
+        eps,
+        BLOCK=triton.next_power_of_2(size),
+    )
+    return summed.view(shape), normed.view(shape)
 
 
 @functools.cache

@@ -1,5 +1,6 @@
-"""The split-KV decode attention kernel against softmax attention written out in float64. Without a GPU the kernel
-runs in Triton's interpreter (``conftest.py``), so these run in CI as well as on the GPU."""
+"""The decode step's Triton kernels against what they replace: softmax attention written out in float64, Llama's
+rotary embedding and RMSNorm. Without a GPU the kernels run in Triton's interpreter (``conftest.py``), so these run in
+CI as well as on the GPU."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 from abel_lightning.compat import apply_rotary_pos_emb
-from abel_lightning.models.decode_attention import (
+from abel_lightning.models.decode_kernels import (
     BLOCK_N,
+    add_rms_norm,
+    kernels_supported,
     rotate_and_store,
     split_kv_attention,
-    split_kv_supported,
     triton,
 )
 
@@ -103,7 +105,28 @@ def test_rotate_and_store_is_llamas_rotary_embedding_and_writes_only_the_slot(dt
     assert not key_cache[:, :, others].any() and not value_cache[:, :, others].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_is_the_residual_add_then_llamas_rmsnorm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    size = 96  # not a power of two: the kernel's block masks the tail
+    generator = torch.Generator().manual_seed(3)
+    hidden, delta = (torch.randn(5, 1, size, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    norm = LlamaRMSNorm(size, eps=1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+
+    summed, normed = add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
+
+    assert summed.shape == normed.shape == hidden.shape and normed.dtype == dtype
+    assert torch.equal(summed, hidden + delta)  # one rounding of the sum, as PyTorch's add
+    with torch.no_grad():
+        expected = norm(hidden + delta)
+    # The rsqrt may differ in its last bit; in bfloat16 that can move a rounding by one unit (2^-7 relative).
+    torch.testing.assert_close(normed, expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
 def test_supported_shapes():
-    assert split_kv_supported(128, 4) and split_kv_supported(16, 1)
-    assert not split_kv_supported(8, 1)  # below tl.dot's 16
-    assert not split_kv_supported(96, 4)  # not a power of two
+    assert kernels_supported(128, 4) and kernels_supported(16, 1)
+    assert not kernels_supported(8, 1)  # below tl.dot's 16
+    assert not kernels_supported(96, 4)  # not a power of two
