@@ -380,8 +380,8 @@ class DecodeEngine:
                     workspace.window(stop_window(stop))
                     workspace.stop_rows(index)
                 # Split-KV attention finds each row's slots on the device: one graph serves every step.
-                step_width = functools.partial(_step_width, workspace, mode)
-                step_widths = {step_width(slot) for slot in range(width, width + max_new_tokens - 1)}
+                width_of = functools.partial(_step_width, workspace, mode)
+                step_widths = {width_of(slot) for slot in range(width, width + max_new_tokens - 1)}
                 for step_width in sorted(step_widths) if graphs else []:
                     if (rows, step_width, mode) not in workspace.graphs:
                         step = functools.partial(self._step, model, workspace, rows, step_width, mode)
@@ -392,9 +392,9 @@ class DecodeEngine:
                 while steps < max_new_tokens:
                     for _ in range(min(CHECK_EVERY, max_new_tokens - steps)):
                         if graphs:
-                            workspace.graphs[(rows, step_width(width + steps - 1), mode)].replay()
+                            workspace.graphs[(rows, width_of(width + steps - 1), mode)].replay()
                         else:
-                            self._step(model, workspace, rows, step_width(width + steps - 1), mode)
+                            self._step(model, workspace, rows, width_of(width + steps - 1), mode)
                         steps += 1
                     if bool(workspace.done[:rows].all()):
                         break

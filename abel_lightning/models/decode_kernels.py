@@ -77,6 +77,7 @@ def _split_kv_attention_chunk(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (row, key head, chunk): softmax attention of the key head's ``GROUPS`` query heads over the chunk's keys.
     Writes the chunk's normalised output and its log-sum-exp (-inf for a chunk that saw no key)."""
@@ -104,14 +105,14 @@ def _split_kv_attention_chunk(
         inside = n < hi
         seen = (tl.load(key_mask + row * stride_mr + n, mask=inside, other=0) != 0) & inside
         k = tl.load(key_rows + n[:, None] * stride_kn + d[None, :], mask=inside[:, None], other=0)
-        scores = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        scores = tl.where(seen[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         # A head that has seen no key yet keeps -inf; shifting by 0 then keeps exp() at 0 instead of NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         probs = tl.exp(scores - shift[:, None])
         v = tl.load(value_rows + n[:, None] * stride_vn + d[None, :], mask=inside[:, None], other=0)
         rescale = tl.exp(running_max - shift)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         total = total * rescale + tl.sum(probs, 1)
         running_max = new_max
 
@@ -373,6 +374,8 @@ def split_kv_attention(
         BLOCK_N=BLOCK_N,
         HEAD_DIM=head_dim,
         SPLITS=splits,
+        # float32 stays float32 (Triton's default would multiply in TF32, as PyTorch's matmuls do not by default).
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     out = torch.empty_like(query)
     _split_kv_attention_merge[(rows, heads)](
