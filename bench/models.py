@@ -28,6 +28,24 @@ def materialize(name: str, root: str = "/tmp/abel-bench-models") -> str:
     return str(folder)
 
 
+def random_adapter(base: str, out: str) -> str:
+    """A LoRA adapter (the project's default settings) for the local model ``base`` with random, non-zero B, saved as
+    a PEFT folder at ``out``: it costs what a trained adapter costs, for the benchmarks that load one."""
+    from peft import get_peft_model
+
+    from abel_lightning.models.loading import LoraSettings, load_base
+
+    model = get_peft_model(
+        load_base(base, "bfloat16").to("cuda" if torch.cuda.is_available() else "cpu"), LoraSettings().to_peft()
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 1e-3)
+    model.save_pretrained(out)
+    return out
+
+
 def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
 
