@@ -13,8 +13,9 @@ Here:
   embedding with the cache write, and each residual add with the norm after it), or reads the step's bucket of
   slots through a boolean mask with SDPA (the CPU, and shapes the kernels do not take);
 - one decode step (forward, sampling, stopping, advancing the positions) reads and writes only preallocated buffers,
-  so on a GPU it is captured once per (rows, KV bucket, sampling mode) as a ``torch.cuda.CUDAGraph`` and replayed.
-  A bucket is a multiple of ``KV_BUCKET`` slots: early steps attend over a shorter prefix of the cache;
+  so on a GPU it is captured once per (rows, sampling mode) as a ``torch.cuda.CUDAGraph`` and replayed; with SDPA,
+  once per KV bucket too: a bucket is a multiple of ``KV_BUCKET`` slots, and early steps attend over a shorter prefix
+  of the cache;
 - tokens are drawn with the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` i.i.d. per token, which samples from
   ``p`` without the host synchronisation of ``torch.multinomial``; each row's EOS and stop strings set a ``done`` flag
   on the device, and the host reads back only whether all rows are done, every ``CHECK_EVERY`` steps.
