@@ -286,8 +286,8 @@ class DecodeEngine:
 
     ``kernels`` picks what runs a decode step around the matrix products: ``"triton"``, :mod:`decode_kernels`
     (split-KV attention over each row's slots in use, the rotary embedding with the cache write, the residual adds
-    with the norms); ``"torch"``, PyTorch's ops (SDPA over the step's bucket of slots); ``"auto"``, Triton on a GPU
-    for the head shapes it takes, else PyTorch. The benches set it to compare the two.
+    with the norms); ``"torch"``, PyTorch's ops (SDPA over the step's bucket of slots); ``"auto"``, Triton on an
+    Ampere or newer GPU for the head shapes it takes, else PyTorch. The benches set it to compare the two.
     """
 
     def __init__(self, model: PreTrainedModel):
@@ -307,7 +307,9 @@ class DecodeEngine:
         supported = kernels_supported(model.model.layers[0].self_attn.head_dim, _groups(model))
         if self.kernels == "triton" and not supported:
             raise ValueError("kernels = 'triton' needs Triton and a power-of-two head dimension of at least 16")
-        return self.kernels == "triton" or (self.kernels == "auto" and supported and device.type == "cuda")
+        # Ampere or newer for "auto": the kernels' bfloat16 dot products need it.
+        ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return self.kernels == "triton" or (self.kernels == "auto" and supported and ampere)
 
     def check_context(self, length: int) -> None:
         """Raise ValueError if a prompt width plus new tokens of ``length`` exceeds the model's sliding window: within
