@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Sequence
 from fractions import Fraction
 
 from abel_lightning.arithmetic import evaluate
@@ -176,6 +177,11 @@ class AnswerChecker:
 
     def is_correct(self, answer: str | None, gold: str) -> bool:
         raise NotImplementedError
+
+    def judge(self, completions: Sequence[str], gold: str) -> tuple[list[str | None], list[bool]]:
+        """The answers of a question's ``completions`` and whether each is correct against ``gold``."""
+        answers = [self.extract(completion) for completion in completions]
+        return answers, [self.is_correct(answer, gold) for answer in answers]
 
 
 ANSWER_CHECKERS: Registry[type[AnswerChecker]] = Registry("answer checker")

@@ -62,7 +62,7 @@ class Correctness(GroupReward):
         self.checker: AnswerChecker = ANSWER_CHECKERS.resolve(answer_checker)
 
     def __call__(self, question, completions, num_tokens, gold):
-        return [float(self.checker.is_correct(self.checker.extract(completion), gold)) for completion in completions]
+        return [float(right) for right in self.checker.judge(completions, gold)[1]]
 
     def __repr__(self) -> str:
         return f"Correctness({type(self.checker).__name__})"
@@ -98,8 +98,7 @@ class RegimeW(GroupReward):
         )
 
     def __call__(self, question, completions, num_tokens, gold):
-        answers = [self.checker.extract(text) for text in completions]
-        correct = [self.checker.is_correct(answer, gold) for answer in answers]
+        answers, correct = self.checker.judge(completions, gold)
         _, rewards = score_group(completions, answers, num_tokens, correct, self.config)
         return rewards
 

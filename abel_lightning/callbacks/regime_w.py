@@ -32,8 +32,7 @@ def rollout_record(answered: Answered, config: RegimeWConfig, checker: AnswerChe
     """One question's ROLLOUT record: its k trajectories with answers, correctness and rewards, and the group scores."""
     question = answered.question
     texts = [completion.text for completion in answered.completions]
-    answers = [checker.extract(text) for text in texts]
-    correct = [checker.is_correct(answer, question["gold_answer"]) for answer in answers]
+    answers, correct = checker.judge(texts, question["gold_answer"])
     num_tokens = [completion.num_tokens for completion in answered.completions]
     scores, rewards = score_group(texts, answers, num_tokens, correct, config)
     return {
