@@ -140,46 +140,19 @@ def phases(run: Run) -> list[tuple[str, list[str] | None]]:
         _data_override(run, "test"),
     )
     extra = lambda name: list(cfg.extra_args.get(name, []))  # noqa: E731
+
+    def command(subcommand: str, config: str, name: str, override: dict, extra_key: str, *tail: str) -> list[str]:
+        """The phase's arguments: its config, then the run's override of it, then the user's extra arguments."""
+        return [subcommand, "--config", config, "--config", run.override(name, override), *extra(extra_key), *tail]
+
     return [
-        (
-            "ppo",
-            ["fit", "--config", cfg.ppo, "--config", run.override("ppo", ppo), *extra("ppo"), *resume(run.ppo_adapter)],
-        ),
-        (
-            "rollouts",
-            ["predict", "--config", cfg.rollouts, "--config", run.override("rollouts", rollouts), *extra("rollouts")],
-        ),
+        ("ppo", command("fit", cfg.ppo, "ppo", ppo, "ppo", *resume(run.ppo_adapter))),
+        ("rollouts", command("predict", cfg.rollouts, "rollouts", rollouts, "rollouts")),
         ("preferences", None),
-        (
-            "dpo",
-            ["fit", "--config", cfg.dpo, "--config", run.override("dpo", dpo), *extra("dpo"), *resume(run.dpo_adapter)],
-        ),
-        (
-            "eval_base",
-            ["test", "--config", cfg.eval, "--config", run.override("eval_base", evaluation(None)), *extra("eval")],
-        ),
-        (
-            "eval_ppo",
-            [
-                "test",
-                "--config",
-                cfg.eval,
-                "--config",
-                run.override("eval_ppo", evaluation(str(run.ppo_adapter))),
-                *extra("eval"),
-            ],
-        ),
-        (
-            "eval_dpo",
-            [
-                "test",
-                "--config",
-                cfg.eval,
-                "--config",
-                run.override("eval_dpo", evaluation(str(run.dpo_adapter))),
-                *extra("eval"),
-            ],
-        ),
+        ("dpo", command("fit", cfg.dpo, "dpo", dpo, "dpo", *resume(run.dpo_adapter))),
+        ("eval_base", command("test", cfg.eval, "eval_base", evaluation(None), "eval")),
+        ("eval_ppo", command("test", cfg.eval, "eval_ppo", evaluation(str(run.ppo_adapter)), "eval")),
+        ("eval_dpo", command("test", cfg.eval, "eval_dpo", evaluation(str(run.dpo_adapter)), "eval")),
     ]
 
 
