@@ -92,6 +92,24 @@ def test_resumable_jsonl_merges_parts_deduplicated_in_source_order(tmp_path):
         source_row("1318")
 
 
+def test_a_second_writer_on_one_path_takes_its_own_part_and_an_early_merge_keeps_it(tmp_path):
+    # Two runs of the same command on one output: both are rank 0, neither may write into or delete the other's part.
+    path = tmp_path / "out.jsonl"
+    first, second = (ResumableJsonl(path, {"question_id": str}, rank=0) for _ in range(2))
+    first.append([{"question_id": "train/3"}])
+    second.append([{"question_id": "train/1"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.part0", "out.jsonl.part1"]
+
+    first.close()
+    assert [r["question_id"] for r in first.merge()] == ["train/1", "train/3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.part1"]  # still being written
+
+    second.append([{"question_id": "train/2"}])
+    second.close()
+    assert [r["question_id"] for r in second.merge()] == ["train/1", "train/2", "train/3"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
 @pytest.mark.slow
 def test_killed_rollouts_resume_without_loss_or_repeat(tiny_model, shared_data, tmp_path):
     output = tmp_path / "rollouts.jsonl"
