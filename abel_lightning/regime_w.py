@@ -13,15 +13,16 @@ Answers are compared as strings, so they must come normalized from :func:`abel_l
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from abel_lightning.arithmetic import arithmetic_consistency
+from abel_lightning.registry import Registry
 
 SCfFunction = Callable[[Sequence[str], Sequence[str | None]], float]
 
-S_CF: dict[str, SCfFunction] = {}
+# Selected by ``s_cf: <name>`` or the dotted path to a function of one's own (``mylab.cf.all_answered``).
+S_CF: Registry[SCfFunction] = Registry("s_cf")
 
 
 @dataclass(frozen=True)
@@ -52,23 +53,6 @@ class RegimeWConfig:
         _check_weights(self.weights)
 
 
-def resolve_s_cf(name: str) -> SCfFunction:
-    """The s_cf function called ``name``: a registered name, or a dotted path to a function of your own
-    (``mylab.cf.all_answered``), imported here so that a config can name it without importing its module elsewhere."""
-    if name in S_CF:
-        return S_CF[name]
-    module, _, attribute = name.rpartition(".")
-    if module:
-        try:
-            return getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"s_cf {name!r}: cannot import it ({error}); check the path and PYTHONPATH") from None
-    raise ValueError(
-        f"unknown s_cf {name!r}: registered ones are {sorted(S_CF)}; add one with @register_s_cf or give a dotted "
-        "path to your function (mylab.cf.my_score)"
-    )
-
-
 def register_s_cf(name: str) -> Callable[[SCfFunction], SCfFunction]:
     """Register a counterfactual-coherence score under ``name`` (selectable as ``s_cf: name`` in config).
 
@@ -78,15 +62,7 @@ def register_s_cf(name: str) -> Callable[[SCfFunction], SCfFunction]:
         def all_answered(full_texts, answers):
             return sum(a is not None for a in answers) / len(answers)
     """
-
-    def decorator(function: SCfFunction) -> SCfFunction:
-        if name in S_CF:
-            taken = S_CF[name].__qualname__
-            raise ValueError(f"an s_cf named {name!r} is already registered ({taken}); pick another name")
-        S_CF[name] = function
-        return function
-
-    return decorator
+    return S_CF.register(name)
 
 
 def majority_answer(answers: Sequence[str | None]) -> str | None:
@@ -118,7 +94,7 @@ def group_scores(
     """
     k = _check_group(full_texts, answers, num_tokens)
     _check_weights(weights)
-    s_cf_function = resolve_s_cf(s_cf)
+    s_cf_function = S_CF.get(s_cf)
 
     majority = majority_answer(answers)
     s_end = 0.0 if majority is None else sum(answer == majority for answer in answers) / k

@@ -4,7 +4,8 @@ A researcher selects a component in YAML either by a registered short name (``lo
 package, by ``class_path`` to their own code (``loss: {class_path: mylab.losses.MyLoss, init_args: {tau: 0.5}}``),
 which jsonargparse instantiates before the module sees it. :meth:`Registry.resolve` accepts both: a name becomes the
 registered component built with its defaults (or with keyword arguments the caller passes), anything else is taken
-as the component itself.
+as the component itself. A name may also be the dotted path to a component of one's own (``mylab.cf.all_answered``),
+imported on the spot: the way to name a plain function, which has no ``class_path``.
 
     DPO_LOSSES = Registry("DPO loss")
 
@@ -17,6 +18,7 @@ as the component itself.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -42,14 +44,26 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Undo :meth:`register` (a test's component, a notebook cell run again)."""
+        del self._entries[name]
+
     def get(self, name: str) -> T:
-        """The component registered as ``name``."""
-        if name not in self._entries:
+        """The component registered as ``name``, or the one at the dotted path ``name`` (``mylab.cf.all_answered``)."""
+        if name in self._entries:
+            return self._entries[name]
+        module, dot, attribute = name.rpartition(".")
+        if not dot:
             raise ValueError(
                 f"unknown {self.kind} {name!r}: registered ones are {sorted(self._entries)}; or give a class_path "
-                "to your own (docs/EXTENDING.md)"
+                "or the dotted path to your own (docs/EXTENDING.md)"
             )
-        return self._entries[name]
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(
+                f"{self.kind} {name!r}: cannot import it ({error}); check the path and PYTHONPATH"
+            ) from None
 
     def resolve(self, spec: str | Any, **kwargs: Any) -> Any:
         """A name -> the registered class instantiated with ``kwargs`` (a registered function is returned as it is);

@@ -92,8 +92,8 @@ def test_tied_majority_decides_agreement_and_end_score():
 
 
 def test_loo_s_cf():
-    assert S_CF["loo"](TEXTS, ANSWERS) == 0.5
-    assert S_CF["loo"](["a"], ["5"]) == 0.0  # nobody else to agree with
+    assert S_CF.get("loo")(TEXTS, ANSWERS) == 0.5
+    assert S_CF.get("loo")(["a"], ["5"]) == 0.0  # nobody else to agree with
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def constant_s_cf():
         return 0.25
 
     yield constant
-    del S_CF["test_constant"]
+    S_CF.unregister("test_constant")
 
 
 def test_register_custom_s_cf(constant_s_cf):
@@ -120,12 +120,12 @@ def test_unknown_s_cf_lists_the_registered_ones():
 
 
 def test_out_of_range_s_cf_is_an_error():
-    S_CF["test_broken"] = lambda full_texts, answers: 1.5
+    register_s_cf("test_broken")(lambda full_texts, answers: 1.5)
     try:
         with pytest.raises(ValueError, match="outside"):
             group_scores(TEXTS, ANSWERS, TOKENS, s_cf="test_broken")
     finally:
-        del S_CF["test_broken"]
+        S_CF.unregister("test_broken")
 
 
 @pytest.mark.parametrize("weights", [(0.5, 0.5, 0.5), (1.2, -0.2, 0.0), (0.5, 0.5)])

@@ -30,3 +30,18 @@ def test_duplicate_names_are_refused_and_unknown_names_list_the_known():
         things.register("a")(max)
     with pytest.raises(ValueError, match=r"unknown thing 'b'.*\['a'\].*class_path"):
         things.get("b")
+
+
+def test_a_dotted_path_names_a_component_of_ones_own_and_unregister_frees_a_name(tmp_path, monkeypatch):
+    (tmp_path / "mylab_things.py").write_text(
+        "class Mine:\n    def __init__(self, size=1):\n        self.size = size\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    things = Registry("thing")
+    assert things.resolve("mylab_things.Mine", size=3).size == 3
+    with pytest.raises(ValueError, match=r"thing 'mylab_things.Other': cannot import it"):
+        things.get("mylab_things.Other")
+    things.register("a")(len)
+    things.unregister("a")
+    things.register("a")(max)
+    assert things.get("a") is max
