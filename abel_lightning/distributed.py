@@ -16,8 +16,6 @@ from typing import TypeVar
 import lightning as L
 import torch
 
-from abel_lightning.compat import attached_trainer
-
 T = TypeVar("T")
 
 
@@ -64,30 +62,26 @@ def _restore(module, forward, had_own_forward: bool) -> None:
         vars(module).pop("forward", None)
 
 
+@torch.no_grad()
 def clip_gradients(
     module: L.LightningModule,
     optimizer,
-    parameters: Iterable[torch.nn.Parameter],
+    grads: list[torch.Tensor],
+    norm: torch.Tensor,
     max_norm: float | None,
     algorithm: str | None = None,
 ) -> None:
-    """Clip the gradients of ``parameters`` (the module's trainable ones) as ``Trainer(gradient_clip_val=...)``
-    would, wherever the weights live: Lightning's own clipping, or by the global norm over all ranks' shards when the
-    weights are sharded (there Lightning's FSDP precision plugin refuses norm clipping, and FSDP's ``clip_grad_norm_``
-    insists on running outside the root module's forward, where PPO's in-step updates are)."""
-    trainer = attached_trainer(module)
-    if max_norm and weights_sharded(trainer):
-        _clip_sharded_gradients(trainer, list(parameters), max_norm)
+    """Clip ``grads`` (the module's trainable ones) as ``Trainer(gradient_clip_val=...)`` would, given ``norm``, their
+    :func:`global_norm`, which the caller has taken already (it checks it for divergence): by norm here, scaling by
+    ``max_norm / (norm + 1e-6)`` capped at 1 as ``torch.nn.utils.clip_grad_norm_`` does, so one norm serves both and
+    sharded weights need no path of their own (Lightning's FSDP precision plugin refuses norm clipping, and FSDP's
+    ``clip_grad_norm_`` insists on running outside the root module's forward, where PPO's in-step updates are); by
+    value through Lightning."""
+    if not max_norm:
         return
-    module.clip_gradients(optimizer, max_norm, algorithm)
-
-
-@torch.no_grad()
-def _clip_sharded_gradients(trainer: L.Trainer, parameters: list[torch.nn.Parameter], max_norm: float) -> None:
-    """Scale the gradients so that their global norm is at most ``max_norm``, when each rank holds a disjoint shard
-    of them: the norm is the square root of the local shards' squared norms summed over ranks."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = global_norm(trainer, grads)
+    if algorithm == "value":
+        module.clip_gradients(optimizer, max_norm, algorithm)
+        return
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))

@@ -120,10 +120,11 @@ class LoRATrainingModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning calls this before every optimizer step (PPO calls it itself): where the raw gradient is seen.
-        norm = float(global_norm(self.trainer, [p.grad for p in self.trainable_parameters() if p.grad is not None]))
-        if not math.isfinite(norm) or norm > self.divergence.grad_norm:
-            self.stop_diverged(f"the gradient norm before clipping is {norm:.3g} (limit divergence.grad_norm)")
-        clip_gradients(self, optimizer, self.trainable_parameters(), gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        norm = global_norm(self.trainer, grads)
+        if not math.isfinite(float(norm)) or float(norm) > self.divergence.grad_norm:
+            self.stop_diverged(f"the gradient norm before clipping is {float(norm):.3g} (limit divergence.grad_norm)")
+        clip_gradients(self, optimizer, grads, norm, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
