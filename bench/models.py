@@ -34,15 +34,12 @@ def random_adapter(base: str, out: str) -> str:
     from peft import get_peft_model
 
     from abel_lightning.models.loading import LoraSettings, load_base
+    from abel_lightning.models.tiny import randomize_lora
 
     model = get_peft_model(
         load_base(base, "bfloat16").to("cuda" if torch.cuda.is_available() else "cpu"), LoraSettings().to_peft()
     )
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 1e-3)
-    model.save_pretrained(out)
+    randomize_lora(model, 1e-3).save_pretrained(out)
     return out
 
 

@@ -14,7 +14,7 @@ from abel_lightning.models.decode_engine import decode_engine, sample_tokens
 from abel_lightning.models.decode_kernels import triton
 from abel_lightning.models.generation import SamplingSettings, generate
 from abel_lightning.models.loading import LoraSettings, load_base
-from abel_lightning.models.tiny import build_random_model, build_tokenizer, random_model
+from abel_lightning.models.tiny import build_random_model, build_tokenizer, random_model, randomize_lora
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNELS = ["torch"] + (["triton"] if triton is not None else [])
@@ -81,11 +81,7 @@ def test_greedy_decoding_equals_hf_generate_with_variable_prompts_and_eos(tokeni
 @pytest.mark.parametrize("device", DEVICES)
 def test_generate_equals_hf_with_stop_strings_and_a_peft_adapter_unmerged(tokenizer, device, kernels):
     base = stepping_with(random_model("tiny-llama", tokenizer, seed=2, device=device), kernels)
-    model = get_peft_model(base, LoraSettings(r=4).to_peft()).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # B starts at zero, which would make the adapter a no-op
+    model = randomize_lora(get_peft_model(base, LoraSettings(r=4).to_peft()).eval(), 0.5)
     plain = generate(model, tokenizer, PROMPTS, SamplingSettings(temperature=0.0, max_new_tokens=16, engine="hf"))
     # A stop string from the middle of one row's text (random tokens decode to stray bytes too: keep to ASCII).
     text = plain[0][0].text
@@ -134,11 +130,7 @@ def test_a_4bit_base_with_lora_decodes_in_cuda_graphs_as_generate_does(tokenizer
     Computed in float32, so that greedy decoding is comparable with `generate` token for token."""
     folder = build_random_model("tiny-llama", tmp_path, tokenizer=tokenizer, seed=6)
     base = load_base(str(folder), "float32", quantization="4bit", device="cuda")
-    model = get_peft_model(base, LoraSettings(r=4).to_peft()).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    model = randomize_lora(get_peft_model(base, LoraSettings(r=4).to_peft()).eval(), 0.5)
     settings = {"temperature": 0.0, "max_new_tokens": 20}
     engine = decode_engine(model)
     captured = engine.capture_seconds

@@ -27,6 +27,7 @@ from abel_lightning.jsonl import read_jsonl
 from abel_lightning.models.architectures import ALL_PROJECTIONS
 from abel_lightning.models.loading import LoraSettings, attach_lora, load_base, load_tokenizer, save_adapter
 from abel_lightning.models.sequences import pack, sequence_logprobs
+from abel_lightning.models.tiny import randomize_lora
 from abel_lightning.modules.dpo import DPOModule
 from abel_lightning.modules.reference_logprobs import ReferenceLogprobs
 
@@ -53,11 +54,7 @@ def make_adapter(model: str, folder: Path) -> Path:
     """A LoRA adapter with random (non-zero) B weights, so that the policy differs from the base, and dropout, which
     the module must switch off."""
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_PROJECTIONS, task_type="CAUSAL_LM")
-    policy = get_peft_model(load_base(model, "float32"), config)
-    generator = torch.Generator().manual_seed(1)
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0.0, 0.05, generator=generator)
+    policy = randomize_lora(get_peft_model(load_base(model, "float32"), config), 0.05, torch.Generator().manual_seed(1))
     return save_adapter(policy, load_tokenizer(model), folder)
 
 
@@ -368,10 +365,7 @@ def test_under_bf16_autocast_lora_inputs_skip_the_float32_round_trip_with_the_sa
             trainable=True,
             gradient_checkpointing=gradient_checkpointing,
         )
-        generator = torch.Generator().manual_seed(0)
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.data.normal_(0.0, 0.1, generator=generator)
+        randomize_lora(policy, 0.1, torch.Generator().manual_seed(0))
         policy.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logprobs = sequence_logprobs(policy, batch)

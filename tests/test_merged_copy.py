@@ -8,17 +8,14 @@ from peft.tuners.lora import LoraLayer
 
 from abel_lightning.models.loading import LoraSettings, attach_lora, load_base
 from abel_lightning.models.merged_copy import MergedCopy
+from abel_lightning.models.tiny import randomize_lora
 
 IDS = torch.tensor([[1, 5, 9, 13, 7, 2]])
 
 
 def lora_policy(tiny_model: str):
     policy = attach_lora(load_base(tiny_model, "float32"), LoraSettings(r=4, alpha=8), None, trainable=True).eval()
-    generator = torch.Generator().manual_seed(0)
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0.0, 0.1, generator=generator)
-    return policy
+    return randomize_lora(policy, 0.1, torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 import abel_lightning.models.sequences as sequences
 from abel_lightning.models.loading import LoraSettings, attach_lora
 from abel_lightning.models.sequences import pack, packing_pays, response_forward
-from abel_lightning.models.tiny import build_tokenizer, random_model
+from abel_lightning.models.tiny import build_tokenizer, random_model, randomize_lora
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mistral"])
@@ -18,9 +18,7 @@ def test_packed_forward_matches_the_padded_one_with_gradients(preset, monkeypatc
     tokenizer = build_tokenizer(["Tom has 3 apples. #### 3"] * 4, 300)
     torch.manual_seed(0)
     policy = attach_lora(random_model(preset, tokenizer), LoraSettings(r=4, alpha=8), None, trainable=True)
-    for name, parameter in policy.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0.0, 0.1)
+    randomize_lora(policy, 0.1)
     # Unequal prompts and responses, one of them empty: padding on both sides.
     batch = pack([[1, 5, 7], [2, 9], [4, 8, 12, 16, 20]], [[4, 6, 8, 10], [3, 11], []], pad_id=0)
 

@@ -123,6 +123,16 @@ def random_model(
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+@torch.no_grad()
+def randomize_lora(model: torch.nn.Module, std: float, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """Draw ``model``'s LoRA B matrices from N(0, ``std``) and return ``model``: PEFT starts B at zero, where an adapter
+    computes exactly its base and a test or a benchmark of the adapter's path proves nothing."""
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.normal_(0.0, std, generator=generator)
+    return model
+
+
 def build_random_model(
     preset: str,
     out_dir: str | Path,
