@@ -19,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_preferences import rollout, trajectory
 from transformers import AutoModelForCausalLM
 
 from abel_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
@@ -144,33 +145,13 @@ def test_setup_filters_kinds_and_indexes_pairs_by_their_line(tiny_model, tmp_pat
 
 
 def test_prepare_data_builds_missing_pairs_from_rollouts(tmp_path):
-    def trajectory(text, correct, reward):
-        return {
-            "full_text": text,
-            "answer": "7" if correct else "3",
-            "num_tokens": 5,
-            "reward": reward,
-            "correct": correct,
-            "arm": 0,
-        }
-
-    rollout = {
-        "question_id": "test/0",
-        "question": "q",
-        "prompt": "Question:\nq\nAnswer:\n",
-        "gold_answer": "7",
-        "s_end": 1.0,
-        "s_path": 1.0,
-        "s_cf": 1.0,
-        "s_wm": 1.0,
-        "trajectories": [
-            trajectory("#### 7", True, 1.1),
-            trajectory("so #### 7", True, 1.0),
-            trajectory("#### 3", False, 0.0),
-        ],
-    }
+    answered = [
+        trajectory("#### 18", True, 1.1),
+        trajectory("so #### 18", True, 1.0),
+        trajectory("#### 20", False, 0.0),
+    ]
     rollouts = tmp_path / "rollouts.jsonl"
-    rollouts.write_text(json.dumps(rollout) + "\n")
+    rollouts.write_text(json.dumps(rollout("test/0", answered)) + "\n")
     data = PreferenceDataModule(str(tmp_path / "pairs.jsonl"), rollouts=str(rollouts))
     data.prepare_data()
     assert [pair["kind"] for pair in read_jsonl(tmp_path / "pairs.jsonl")] == [
