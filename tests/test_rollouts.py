@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -108,6 +110,20 @@ def test_a_second_writer_on_one_path_takes_its_own_part_and_an_early_merge_keeps
     second.close()
     assert [r["question_id"] for r in second.merge()] == ["train/1", "train/2", "train/3"]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_without_file_locks_one_run_still_writes_and_merges_with_a_warning(tmp_path, monkeypatch, caplog):
+    # Lustre mounted without flock answers ENOSYS: a single run must not fail for it.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    writer = ResumableJsonl(tmp_path / "out.jsonl", {"question_id": str}, rank=0)
+    writer.append([{"question_id": "train/2"}, {"question_id": "train/1"}])
+    writer.close()
+    assert [r["question_id"] for r in writer.merge()] == ["train/1", "train/2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    assert "no file locks" in caplog.text
 
 
 @pytest.mark.slow

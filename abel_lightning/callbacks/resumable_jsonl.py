@@ -13,13 +13,17 @@ Two runs started on the same ``P`` (a command launched twice) must not corrupt e
 through ``flock``: a writer holds an exclusive lock on its part while it is open, and takes ``P.part<rank>`` or, if a
 live process holds that one, the next free number. A merge runs under a lock on the folder, merges every part but
 deletes only those no live writer holds; the run still writing merges its own part when it ends. A lock dies with its
-process, so a killed run's part is free for the rerun.
+process, so a killed run's part is free for the rerun. On a file system without ``flock`` (Lustre mounted without
+it, some NFS) one warning says so and a single run per output works as before.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import glob
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -32,6 +36,9 @@ from abel_lightning.jsonl import JsonlAppender, read_jsonl, write_jsonl_atomic
 from abel_lightning.schemas import Schema
 
 _PART_SUFFIX_RE = re.compile(r"\.part(\d+)$")
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
+
+log = logging.getLogger(__name__)
 
 
 def source_row(question_id: str) -> int:
@@ -42,15 +49,31 @@ def source_row(question_id: str) -> int:
     return int(row)
 
 
+def _flock(fd: int, operation: int) -> bool:
+    """Lock ``fd``; False when another process holds it (``LOCK_NB``). Where the file system has no locks, True."""
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno not in _NO_LOCKS:
+            raise
+        _warn_no_locks(os.strerror(error.errno))
+    return True
+
+
+@functools.cache
+def _warn_no_locks(reason: str) -> None:
+    log.warning("this file system has no file locks (%s): run one command per output file at a time", reason)
+
+
 def _lock_part(path: Path, create: bool) -> int | None:
     """An open descriptor holding ``path``'s exclusive lock, or None when a live process holds it."""
     fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    if _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+        return fd
+    os.close(fd)
+    return None
 
 
 @contextmanager
@@ -58,7 +81,7 @@ def _merging(folder: Path) -> Iterator[None]:
     """One merge at a time in ``folder``, across processes: two would delete each other's parts mid-read."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
