@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -221,15 +224,24 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, folder: s
     """Write a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, tokenizer files).
 
     ``state_dict`` (the model's weights under the PEFT model's own names) lets a caller that gathered sharded
-    weights, as under FSDP, save them without touching the sharded module.
+    weights, as under FSDP, save them without touching the sharded module. Each file replaces its namesake in one
+    ``os.replace``, so a run killed mid-save leaves the folder's last complete adapter, never a torn weights file.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if state_dict is not None and has_fsdp_wrappers(model):
         model = _unwrapped_skeleton(model)
-    # Only the trained adapter: a module may hold others (DPO's frozen reference copy) that are not its output.
-    model.save_pretrained(folder, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        # Only the trained adapter: a module may hold others (DPO's frozen reference copy) that are not its output.
+        model.save_pretrained(
+            staging, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER], safe_serialization=True
+        )
+        tokenizer.save_pretrained(staging)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -8,6 +8,7 @@ pull small. docs/PPO.md gives the measured memory of both choices.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,15 @@ class ValueHead(nn.Module):
         """Write ``value_head.safetensors``; ``module_state`` (keys ``value_head.*``, as a gathered checkpoint holds
         them) replaces this module's own weights when given."""
         state = {k.split(".", 1)[1]: v for k, v in module_state.items()} if module_state else self.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(folder) / FILENAME))
+        path = Path(folder) / FILENAME
+        # Beside it, then one os.replace: a run killed mid-save keeps the last complete head.
+        temporary = path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary))
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def load(self, folder: str | Path) -> bool:
         """Load ``value_head.safetensors`` from an adapter folder; False when the folder has none."""
