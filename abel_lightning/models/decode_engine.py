@@ -344,9 +344,9 @@ class DecodeEngine:
         ``settings[i]``'s temperature, top_p, min/max_new_tokens and stop strings, side by side with the others.
         Identical prompts are prefilled once.
         Returns the new tokens [N * samples_per_question, S] (rows prompt-major, as ``num_return_sequences`` orders
-        them),
-        S <= the largest ``max_new_tokens``: a row that ends (EOS, a stop string, which needs ``tokenizer``, or its own
-        ``max_new_tokens``) is padded with ``pad_token_id`` after its last token, exactly as ``model.generate`` pads it.
+        them), S <= the largest ``max_new_tokens``: a row that ends (EOS, a stop string, which needs ``tokenizer``, or
+        its own ``max_new_tokens``) is padded with ``pad_token_id`` after its last token, exactly as
+        ``model.generate`` pads it.
         """
         model = self._model()
         device = input_ids.device

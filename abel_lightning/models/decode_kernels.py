@@ -332,11 +332,11 @@ def split_kv_attention(
 ) -> Tensor:
     """Attention of one query per row over a static cache, reading only keys ``first[r]`` to ``slot`` of row r.
 
-        ``query`` [B, H, D]; ``keys``/``values`` [B, G, C, D] with H a multiple of G and a unit stride on D;
-        ``key_mask`` [B, C] (bool, True where a key is seen); ``first`` [B] (long, each row's first seen slot);
-        ``slot`` [1] (long, the last slot to read, already written); ``splits``: chunks per row, a power of two (default
-    :func:`splits_for`). Returns [B, H, D] in the query's dtype.
-        Slots before ``first[r]`` (rounded down to a block) and after ``slot`` are never read.
+    ``query`` [B, H, D]; ``keys``/``values`` [B, G, C, D] with H a multiple of G and a unit stride on D; ``key_mask``
+    [B, C] (bool, True where a key is seen); ``first`` [B] (long, each row's first seen slot); ``slot`` [1] (long, the
+    last slot to read, already written); ``splits``: chunks per row, a power of two (default :func:`splits_for`).
+    Returns [B, H, D] in the query's dtype. Slots before ``first[r]`` (rounded down to a block) and after ``slot`` are
+    never read.
     """
     rows, heads, head_dim = query.shape
     key_heads = keys.shape[1]

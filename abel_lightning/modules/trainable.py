@@ -122,8 +122,9 @@ class LoRATrainingModule(L.LightningModule):
         # Lightning calls this before every optimizer step (PPO calls it itself): where the raw gradient is seen.
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         norm = global_norm(self.trainer, grads)
-        if not math.isfinite(float(norm)) or float(norm) > self.divergence.grad_norm:
-            self.stop_diverged(f"the gradient norm before clipping is {float(norm):.3g} (limit divergence.grad_norm)")
+        size = float(norm)
+        if not math.isfinite(size) or size > self.divergence.grad_norm:
+            self.stop_diverged(f"the gradient norm before clipping is {size:.3g} (limit divergence.grad_norm)")
         clip_gradients(self, optimizer, grads, norm, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
